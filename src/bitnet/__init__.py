@@ -1,0 +1,18 @@
+"""bitnet: 1-bit and 1.58-bit (ternary) transformers.
+
+Train with ordinary PyTorch (``BitLinear`` is a drop-in ``nn.Linear``), run packed 2-bit weights
+with int8 activations on native CPU and Triton GPU kernels.
+"""
+
+from .convert import replace_linears_in_hf
+from .models import BitNetTransformer
+from .nn import BitFeedForward, BitLinear, BitMGQA, RMSNorm, set_quant_strength
+from .quant import activation_quant, binary_weight_quant, ternary_weight_quant, weight_quant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitFeedForward", "BitLinear", "BitMGQA", "BitNetTransformer", "RMSNorm",
+    "activation_quant", "binary_weight_quant", "replace_linears_in_hf", "set_quant_strength",
+    "ternary_weight_quant", "weight_quant",
+]

@@ -1,0 +1,5 @@
+"""Whole models."""
+
+from .transformer import BitNetTransformer, TransformerBlock
+
+__all__ = ["BitNetTransformer", "TransformerBlock"]

@@ -1,0 +1,152 @@
+"""BitNetTransformer: a small decoder-only language model with BitLinear projections.
+
+Architecture (Llama-like, as BitNet b1.58): token embedding -> depth x [RMSNorm -> grouped-query
+attention with rotary positions and a sub-norm before the output projection -> residual ->
+RMSNorm -> gated feed-forward with a sub-norm before the down projection -> residual] -> RMSNorm
+-> linear head. Embeddings and head stay in full precision; every projection inside the blocks is a
+BitLinear (or nn.Linear for ``weights="fp"``, the baseline of the same shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention import BitMGQA, KVCache
+from ..nn.feedforward import BitFeedForward
+from ..nn.layers import check_weights
+from ..nn.norm import RMSNorm
+from ..quant import check_bits
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+
+    def __init__(self, dim, heads, kv_heads, ff_mult, max_seq_len, weights, bits, dropout, activation,
+                 rope_base, norm_eps):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
+        self.attn = BitMGQA(dim, heads, kv_heads, dropout=dropout, layer_norm=True, layer_norm_eps=norm_eps,
+                            weights=weights, bits=bits, linear_norm=False, rotary=True,
+                            max_seq_len=max_seq_len, rope_base=rope_base)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+        self.ffn = BitFeedForward(dim, dim, ff_mult, post_act_ln=True, dropout=dropout, glu=True,
+                                  activation=activation, weights=weights, bits=bits, linear_norm=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = x + self.attn(h, h, h, is_causal=True, cache=cache, start_pos=start_pos)[0]
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class BitNetTransformer(nn.Module):
+    """Decoder-only language model.
+
+    Args:
+        num_tokens: vocabulary size.
+        dim: model width.
+        depth: number of blocks.
+        heads: query heads (must divide ``dim``).
+        ff_mult: feed-forward expansion (hidden = dim * ff_mult).
+        kv_heads: key/value heads for grouped-query attention (default ``heads``).
+        max_seq_len: longest context (rotary table and KV cache size).
+        weights: ``"1.58"`` (ternary, default), ``"1"`` (binary) or ``"fp"`` (nn.Linear baseline).
+        bits: activation bits of the BitLinear layers.
+        activation: gate nonlinearity, ``"silu"`` (SwiGLU, default), ``"gelu"`` or ``"relu2"``.
+        tie_embeddings: share the embedding matrix with the output head.
+
+    ``forward(tokens)`` maps token ids (B, T) to logits (B, T, num_tokens). For decoding pass
+    ``caches=model.new_caches(B)`` and ``start_pos`` (number of tokens already in the caches).
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        ff_mult: float = 4,
+        kv_heads: int | None = None,
+        max_seq_len: int = 2048,
+        weights: str = "1.58",
+        bits: int = 8,
+        dropout: float = 0.0,
+        activation: str = "silu",
+        rope_base: float = 10000.0,
+        norm_eps: float = 1e-6,
+        tie_embeddings: bool = False,
+    ):
+        super().__init__()
+        for name, value in (("num_tokens", num_tokens), ("dim", dim), ("depth", depth),
+                            ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if heads <= 0 or dim % heads:
+            raise ValueError(f"heads={heads} must be positive and divide dim={dim}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        weights = check_weights(weights)
+        self.config = dict(num_tokens=num_tokens, dim=dim, depth=depth, heads=heads, ff_mult=ff_mult,
+                           kv_heads=kv_heads, max_seq_len=max_seq_len, weights=weights, bits=check_bits(bits),
+                           dropout=dropout, activation=activation, rope_base=rope_base, norm_eps=norm_eps,
+                           tie_embeddings=tie_embeddings)
+        self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
+        self.embed = nn.Embedding(num_tokens, dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim, heads, kv_heads, ff_mult, max_seq_len, weights, bits, dropout, activation,
+                             rope_base, norm_eps)
+            for _ in range(depth)
+        )
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, num_tokens, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def new_caches(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> list[KVCache]:
+        """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens."""
+        param = self.embed.weight
+        attn = self.layers[0].attn
+        return [
+            KVCache(batch, attn.kv_heads, max_len or self.max_seq_len, attn.head_dim,
+                    device=device or param.device, dtype=dtype or param.dtype)
+            for _ in self.layers
+        ]
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Clear errors for token ids of the wrong shape, dtype or range."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.num_tokens):
+            raise ValueError(
+                f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
+                f"got min {int(tokens.min())}, max {int(tokens.max())}"
+            )
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.check_tokens(tokens)
+        if start_pos + tokens.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + tokens.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}"
+            )
+        x = self.embed(tokens)                                              # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if caches is None else caches[i], start_pos)
+        return self.head(self.norm(x))                                      # (B, T, num_tokens)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats) of ``tokens`` (B, T) against ``targets`` (B, T)."""
+        logits = self(tokens)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))

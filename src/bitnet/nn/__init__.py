@@ -1,0 +1,13 @@
+"""Modules: BitLinear (training form), norms, feed-forward, attention with KV cache, rotary."""
+
+from .attention import BitMGQA, KVCache
+from .bitlinear import BitLinear, set_quant_strength
+from .feedforward import BitFeedForward
+from .layers import WEIGHTS_CHOICES, check_weights, make_linear
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding
+
+__all__ = [
+    "BitLinear", "BitMGQA", "BitFeedForward", "KVCache", "RMSNorm", "RotaryEmbedding",
+    "WEIGHTS_CHOICES", "check_weights", "make_linear", "set_quant_strength",
+]

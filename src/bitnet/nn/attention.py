@@ -1,0 +1,139 @@
+"""Grouped-query attention with BitLinear projections and a preallocated KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import make_linear
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (batch, kv_heads, max_len, head_dim) and the number of filled positions."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, T, hd) at start_pos; return all keys/values so far."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
+        self.k[:, :, start_pos:end] = k.to(self.k.dtype)
+        self.v[:, :, start_pos:end] = v.to(self.v.dtype)
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class BitMGQA(nn.Module):
+    """Multi-head / grouped-query attention: ``query_heads`` query heads share ``kv_heads`` K/V heads.
+
+    Args:
+        embed_dim: model width; must be divisible by ``query_heads``.
+        query_heads, kv_heads: ``kv_heads`` must divide ``query_heads``.
+        dropout: attention dropout (training only).
+        bias: bias in the projections.
+        layer_norm: RMSNorm on the attention output before ``out_proj`` (SubLN).
+        weights: ``"1.58"``, ``"1"`` or ``"fp"``.
+        linear_norm: each projection normalises its own input (standalone use); False inside a model
+            with pre-norm blocks.
+        rotary: apply rotary position embedding to q and k (needs ``max_seq_len``).
+
+    ``forward(query, key, value, need_weights=False, is_causal=False, ...)`` returns
+    ``(out, attn_weights)`` with out (B, Tq, embed_dim) and attn_weights (B, heads, Tq, Tk) averaged
+    over heads when ``average_attn_weights``, or None when ``need_weights`` is False.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        query_heads: int = 8,
+        kv_heads: int = 4,
+        dropout: float = 0.0,
+        bias: bool = False,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-6,
+        weights: str = "1.58",
+        bits: int = 8,
+        linear_norm: bool = True,
+        rotary: bool = False,
+        max_seq_len: int = 2048,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        if query_heads <= 0 or embed_dim % query_heads:
+            raise ValueError(f"query_heads={query_heads} must be positive and divide embed_dim={embed_dim}")
+        if kv_heads <= 0 or query_heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads} must be positive and divide query_heads={query_heads}")
+        self.embed_dim, self.query_heads, self.kv_heads = embed_dim, query_heads, kv_heads
+        self.head_dim = embed_dim // query_heads
+        kv_dim = self.head_dim * kv_heads
+        self.q_proj = make_linear(embed_dim, embed_dim, weights, bits, norm=linear_norm, bias=bias)
+        self.k_proj = make_linear(embed_dim, kv_dim, weights, bits, norm=linear_norm, bias=bias)
+        self.v_proj = make_linear(embed_dim, kv_dim, weights, bits, norm=linear_norm, bias=bias)
+        self.sub_norm = RMSNorm(embed_dim, eps=layer_norm_eps) if layer_norm else None
+        self.out_proj = make_linear(embed_dim, embed_dim, weights, bits, norm=linear_norm, bias=bias)
+        self.dropout = dropout
+        self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_base) if rotary else None
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, self.head_dim).transpose(1, 2)          # (B, heads, T, hd)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        need_weights: bool = False,
+        is_causal: bool = False,
+        average_attn_weights: bool = False,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+    ):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} must have shape (batch, seq, {self.embed_dim}), got {tuple(t.shape)}")
+        q = self._split(self.q_proj(query), self.query_heads)               # (B, Hq, Tq, hd)
+        k = self._split(self.k_proj(key), self.kv_heads)                    # (B, Hkv, Tk, hd)
+        v = self._split(self.v_proj(value), self.kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary.rotate(q, start_pos), self.rotary.rotate(k, start_pos)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)                            # (B, Hkv, start+Tk, hd)
+        group = self.query_heads // self.kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+        tq, tk = q.shape[2], k.shape[2]
+        mask = None
+        if is_causal and tq > 1:
+            # query i sits at absolute position (tk - tq + i): it sees keys 0..tk-tq+i
+            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)   # (B, Hq, Tq, Tk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(query.shape[0], tq, self.embed_dim)  # (B, Tq, D)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        out = self.out_proj(out)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights

@@ -1,0 +1,67 @@
+"""BitNetTransformer: the tutorial call form, KV-cache decoding, training signal, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from bitnet import BitLinear, BitNetTransformer
+
+
+def test_tutorial_call_form_shape():
+    model = BitNetTransformer(num_tokens=20000, dim=1024, depth=6, heads=8, ff_mult=4)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 20000, (1, 1024)))
+    assert logits.shape == (1, 1024, 20000)
+
+
+def tiny(weights="1.58", **kw):
+    torch.manual_seed(0)
+    return BitNetTransformer(num_tokens=40, dim=32, depth=2, heads=4, kv_heads=2, max_seq_len=64,
+                             weights=weights, **kw)
+
+
+def test_cached_and_uncached_logits_agree():
+    model = tiny().eval()
+    tokens = torch.randint(0, 40, (2, 11))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = model.new_caches(2, 32)
+        steps = [model(tokens[:, :4], caches, 0)] + [model(tokens[:, t:t + 1], caches, t) for t in range(4, 11)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["1.58", "1", "fp"])
+def test_weights_choice_builds_same_architecture(weights):
+    model = tiny(weights)
+    linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 * 7
+    assert all(isinstance(m, BitLinear) == (weights != "fp") for m in linears)
+    assert not isinstance(model.head, BitLinear) and isinstance(model.embed, nn.Embedding)
+
+
+@pytest.mark.parametrize("weights", ["1.58", "1"])
+def test_a_few_steps_lower_the_loss(weights):
+    model = tiny(weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    data = torch.arange(33).remainder(40).repeat(4, 1)           # a fixed, learnable sequence
+    x, y = data[:, :-1], data[:, 1:]
+    first = model.loss(x, y).item()
+    for _ in range(30):
+        opt.zero_grad()
+        model.loss(x, y).backward()
+        opt.step()
+    assert model.loss(x, y).item() < 0.5 * first
+
+
+def test_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 39\]"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="heads=3 .*dim=32"):
+        BitNetTransformer(num_tokens=10, dim=32, depth=1, heads=3)
+    with pytest.raises(ValueError, match="kv_heads=3 .*query_heads=4"):
+        BitNetTransformer(num_tokens=10, dim=32, depth=1, heads=4, kv_heads=3)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        BitNetTransformer(num_tokens=10, dim=32, depth=1, heads=4, weights="2")

@@ -22,8 +22,8 @@ The GEMV is used for ``M <= GEMV_MAX_M``, the GEMM above. On a GPU the block siz
 the Triton interpreter one small fixed configuration is used so that CPU tests stay fast.
 
 This module imports without Triton installed; then ``TRITON_AVAILABLE`` is False and every entry point
-raises a clear error. Kernels are compiled lazily (on first call), so ``TRITON_INTERPRET`` only has to be
-set before the first call, not before import.
+raises a clear error. Triton itself is imported lazily (first call), and Triton decides at its own import
+whether it interprets: ``TRITON_INTERPRET=1`` must be set before anything imports ``triton``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,9 @@ from bitnet.quant.packing import I2_BLOCK, padded_in_features
 from bitnet.quant.quantizers import EPS, check_bits
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-"""True when the ``triton`` package can be imported (it is never imported otherwise)."""
+"""True when the ``triton`` package is installed (it is imported on the first kernel call, not here)."""
 
-if TRITON_AVAILABLE:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
+triton = tl = libdevice = None  # set by _load_triton(); the kernel bodies read them as module globals
 
 GEMV_MAX_M = 4
 """Largest number of activation rows sent to the GEMV kernel by ``kernel="auto"``; larger M uses the GEMM."""
@@ -191,18 +188,31 @@ def _act_quant_body(
 _KERNELS: dict = {}
 
 
-def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (env ``TRITON_INTERPRET=1``)."""
-    _require_triton()
+def _require_triton() -> None:
+    """Import triton on first use (module globals ``triton``, ``tl``, ``libdevice``)."""
+    global triton, tl, libdevice
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("the Triton backend needs the 'triton' package: pip install triton")
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+        from triton.language.extra import libdevice as _libdevice
+
+        triton, tl, libdevice = _triton, _tl, _libdevice
+
+
+def _env_interpret() -> bool:
     knobs = getattr(triton, "knobs", None)                                # triton >= 3.4
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _require_triton() -> None:
-    if not TRITON_AVAILABLE:
-        raise RuntimeError("the Triton backend needs the 'triton' package: pip install triton")
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    _require_triton()
+    # triton's own @jit helpers (tl.zeros, tl.sum, ...) were built in the mode of triton's import
+    return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
 def _gemv_configs():
@@ -245,6 +255,11 @@ def _kernels():
     """The jitted kernels for the current mode (compiled / interpreted), built on first use."""
     _require_triton()
     mode = interpret_mode()
+    if mode != _env_interpret():
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now, but triton was imported "
+            f"{'with' if mode else 'without'} it; set it before anything imports triton"
+        )
     if mode not in _KERNELS:
         ns = {
             "gemv": triton.jit(_gemv_body),

@@ -1,0 +1,446 @@
+// C ABI of the native backend: ISA detection and dispatch, activation preparation / quantisation,
+// work splitting over the thread pool, float epilogue. See bitnet_native.h.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+#include "bitnet_native.h"
+#include "kernels.h"
+#include "threadpool.h"
+
+namespace bitnet {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// CPU features
+struct Features {
+  bool isa[BITNET_ISA_COUNT] = {};
+  std::string brand;
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+Features detect() {
+  Features f;
+  f.isa[BITNET_ISA_SCALAR] = true;
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a, b, c, d;
+  if (__get_cpuid_max(0, nullptr) >= 7) {
+    __cpuid(1, a, b, c, d);
+    const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    const bool os_avx = (xcr0 & 0x6) == 0x6;            // XMM and YMM state
+    const bool os_avx512 = (xcr0 & 0xE6) == 0xE6;       // + opmask, ZMM_Hi256, Hi16_ZMM
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    const bool avx512vnni = (c >> 11) & 1;
+    __cpuid_count(7, 1, a, b, c, d);
+    const bool avxvnni = (a >> 4) & 1;
+    f.isa[BITNET_ISA_AVX2] = os_avx && avx && avx2 && fma;
+    f.isa[BITNET_ISA_AVXVNNI] = f.isa[BITNET_ISA_AVX2] && avxvnni;
+    f.isa[BITNET_ISA_AVX512VNNI] = f.isa[BITNET_ISA_AVX2] && os_avx512 && avx512f && avx512bw && avx512vl && avx512vnni;
+  }
+  if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
+    char s[49] = {};
+    for (unsigned i = 0; i < 3; ++i) {
+      __cpuid(0x80000002 + i, a, b, c, d);
+      std::memcpy(s + 16 * i, &a, 4); std::memcpy(s + 16 * i + 4, &b, 4);
+      std::memcpy(s + 16 * i + 8, &c, 4); std::memcpy(s + 16 * i + 12, &d, 4);
+    }
+    f.brand = s;
+    const size_t p = f.brand.find_first_not_of(' ');
+    f.brand = p == std::string::npos ? "" : f.brand.substr(p);
+  }
+#elif defined(__aarch64__)
+  f.isa[BITNET_ISA_NEON] = true;  // Advanced SIMD is mandatory on AArch64
+#endif
+  return f;
+}
+
+const Features& features() {
+  static const Features f = detect();
+  return f;
+}
+
+bool compiled(int isa) {
+  switch (isa) {
+    case BITNET_ISA_SCALAR: return true;
+#if defined(BITNET_HAVE_NEON)
+    case BITNET_ISA_NEON: return true;
+#endif
+#if defined(BITNET_HAVE_AVX2)
+    case BITNET_ISA_AVX2: return true;
+#endif
+#if defined(BITNET_HAVE_AVXVNNI)
+    case BITNET_ISA_AVXVNNI: return true;
+#endif
+#if defined(BITNET_HAVE_AVX512VNNI)
+    case BITNET_ISA_AVX512VNNI: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool supported(int isa) { return isa >= 0 && isa < BITNET_ISA_COUNT && compiled(isa) && features().isa[isa]; }
+
+Kernel kernel_for(int isa) {
+  switch (isa) {
+#if defined(BITNET_HAVE_NEON)
+    case BITNET_ISA_NEON: return kernel_neon();
+#endif
+#if defined(BITNET_HAVE_AVX2)
+    case BITNET_ISA_AVX2: return kernel_avx2();
+#endif
+#if defined(BITNET_HAVE_AVXVNNI)
+    case BITNET_ISA_AVXVNNI: return kernel_avxvnni();
+#endif
+#if defined(BITNET_HAVE_AVX512VNNI)
+    case BITNET_ISA_AVX512VNNI: return kernel_avx512vnni();
+#endif
+    default: return kernel_scalar();
+  }
+}
+
+int best_isa() {
+  static const int order[] = {BITNET_ISA_AVX512VNNI, BITNET_ISA_AVXVNNI, BITNET_ISA_AVX2, BITNET_ISA_NEON};
+  for (int isa : order)
+    if (supported(isa)) return isa;
+  return BITNET_ISA_SCALAR;
+}
+
+std::atomic<int> g_default_isa{-1};
+
+int resolve_isa(int isa, Kernel* k) {
+  if (isa < 0) {
+    isa = g_default_isa.load(std::memory_order_relaxed);
+    if (isa < 0) isa = best_isa();
+  }
+  if (!supported(isa)) return BITNET_EISA;
+  *k = kernel_for(isa);
+  return BITNET_OK;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Threads
+int cpu_count() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  const unsigned n = std::thread::hardware_concurrency();
+  return n ? (int)n : 1;
+}
+
+int spin_us() {
+  const char* s = std::getenv("BITNET_SPIN_US");
+  return s ? std::max(0, std::atoi(s)) : 200;
+}
+
+std::mutex g_pool_mu;
+ThreadPool* g_pool = nullptr;   // never destroyed (workers sleep at exit); recreated after fork
+int g_pool_pid = 0;
+int g_nthreads = 0;             // 0: not set yet -> cpu_count()
+
+ThreadPool* pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+#if defined(__linux__)
+  const int pid = (int)getpid();
+#else
+  const int pid = 0;
+#endif
+  if (g_nthreads <= 0) g_nthreads = cpu_count();
+  if (g_pool == nullptr || g_pool_pid != pid || g_pool->size() != g_nthreads) {
+    if (g_pool != nullptr && g_pool_pid == pid) delete g_pool;  // after fork the old threads do not exist: leak
+    g_pool = new ThreadPool(g_nthreads, spin_us());
+    g_pool_pid = pid;
+  }
+  return g_pool;
+}
+
+void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) {
+  if (ntasks <= 0) return;
+  if (ntasks == 1 || !pool()->try_run(ntasks, fn)) {
+    for (int64_t t = 0; t < ntasks; ++t) fn(t);  // single task, or pool busy (another caller)
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Activations in the kernel layout
+struct XBuf {
+  std::vector<int8_t> x;    // (M, ldx)
+  std::vector<int32_t> sum; // (M,)
+  std::vector<int8_t> tmp;  // scratch rows for quantisation into the interleaved layout
+  int64_t ldx = 0;
+};
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Copies one int8 row (K values) into the kernel layout (row of ldx bytes, zero padded).
+int32_t place_row(const int8_t* src, int64_t K, int8_t* dst, int64_t ldx, bool interleave) {
+  std::memset(dst, 0, (size_t)ldx);
+  if (!interleave) {
+    std::memcpy(dst, src, (size_t)K);
+  } else {
+    for (int64_t s = 0; s < K; s += 32) {     // 32-value chunks: block b, quarter q
+      const int64_t b = s >> 7, q = (s >> 5) & 3;
+      const int64_t d = 256 * (b >> 1) + 64 * q + 32 * (b & 1);
+      std::memcpy(dst + d, src + s, (size_t)std::min<int64_t>(32, K - s));
+    }
+  }
+  int32_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += src[k];
+  return sum;
+}
+
+XBuf& scratch() {
+  thread_local XBuf buf;
+  return buf;
+}
+
+void prepare(XBuf& xb, int64_t M, int64_t K, const Kernel& k) {
+  const int64_t kp = round_up(K, 128);
+  xb.ldx = k.pair_interleave ? round_up(kp, 256) : kp;
+  if ((int64_t)xb.x.size() < M * xb.ldx) xb.x.resize((size_t)(M * xb.ldx));
+  if ((int64_t)xb.sum.size() < M) xb.sum.resize((size_t)M);
+}
+
+// Token chunks for parallel preparation: only worth it for prefill-sized M.
+template <class F>
+void for_tokens(int64_t M, int64_t K, F&& f) {
+  const int64_t chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  const int64_t ntasks = (M + chunk - 1) / chunk;
+  if (ntasks <= 1) { f(0, M); return; }
+  parallel_for(ntasks, [&](int64_t t) { f(t * chunk, std::min(M, (t + 1) * chunk)); });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Matmul driver: splits (M, N) over threads, applies the epilogue per tile.
+struct Epilogue {
+  bool to_float = false;
+  const float* x_scale = nullptr;  // (M,)
+  float w_scale = 1.0f;
+  const float* bias = nullptr;     // (N,) or null
+};
+
+void apply_epilogue(const Epilogue& e, int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (!e.to_float) return;
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* row = out + m * ldo;
+    const float xs = e.x_scale[m];
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t acc;
+      std::memcpy(&acc, row + n, 4);
+      float y = (float)acc * e.w_scale / xs;   // same order as the reference: acc * w_scale / x_scale
+      if (e.bias) y += e.bias[n];
+      std::memcpy(row + n, &y, 4);
+    }
+  }
+}
+
+void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e) {
+  if (M == 0 || N == 0) return;
+  const int64_t nthreads = pool()->size();
+  const int64_t work = M * N * std::max<int64_t>(a.nblk, 1);  // block-products
+  if (nthreads == 1 || work < 4096) {
+    k.gemm(a, 0, M, 0, N);
+    apply_epilogue(e, a.out, a.ldo, 0, M, 0, N);
+    return;
+  }
+  if (M <= 3) {
+    // Decode (GEMV): split rows; ~4 chunks per thread so a slow core does not hold the others up.
+    int64_t chunk = round_up((N + nthreads * 4 - 1) / (nthreads * 4), 8);
+    chunk = std::max<int64_t>(chunk, 16);
+    const int64_t ntasks = (N + chunk - 1) / chunk;
+    parallel_for(ntasks, [&](int64_t t) {
+      const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+      k.gemm(a, 0, M, n0, n1);
+      apply_epilogue(e, a.out, a.ldo, 0, M, n0, n1);
+    });
+    return;
+  }
+  // Prefill (GEMM): tiles of MB tokens x NB rows; a tile's weights (NB rows) stay in L1/L2 and every
+  // unpacked block serves several tokens inside the kernel's register tile.
+  const int64_t MB = 64;
+  int64_t NB = 64;
+  const int64_t mt = (M + MB - 1) / MB;
+  while (NB > 8 && mt * ((N + NB - 1) / NB) < nthreads * 4) NB /= 2;
+  const int64_t nt = (N + NB - 1) / NB;
+  parallel_for(mt * nt, [&](int64_t t) {
+    const int64_t mi = t / nt, ni = t % nt;
+    const int64_t m0 = mi * MB, m1 = std::min(M, m0 + MB), n0 = ni * NB, n1 = std::min(N, n0 + NB);
+    k.gemm(a, m0, m1, n0, n1);
+    apply_epilogue(e, a.out, a.ldo, m0, m1, n0, n1);
+  });
+}
+
+int check_dims(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldw, int64_t ldo) {
+  if (M < 0 || K < 0 || N < 0 || ldx < K || ldo < N) return BITNET_EINVAL;
+  if (ldw < round_up(K, 128) / 4) return BITNET_EINVAL;
+  return BITNET_OK;
+}
+
+int matmul_common(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N, int64_t ldw,
+                  int32_t* out, int64_t ldo, const Epilogue& e, int isa) {
+  int rc = check_dims(M, K, ldx, N, ldw, ldo);
+  if (rc) return rc;
+  Kernel k;
+  if ((rc = resolve_isa(isa, &k))) return rc;
+  if (M == 0 || N == 0) return BITNET_OK;
+  XBuf& xb = scratch();
+  prepare(xb, M, K, k);
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      xb.sum[m] = place_row(x + m * ldx, K, xb.x.data() + m * xb.ldx, xb.ldx, k.pair_interleave != 0);
+  });
+  const GemmArgs a{xb.x.data(), xb.ldx, xb.sum.data(), w, ldw, round_up(K, 128) / 128, out, ldo};
+  run_gemm(k, a, M, N, e);
+  return BITNET_OK;
+}
+
+// s = (1 / max(amax, eps)) * Qp in float32, exactly as torch evaluates `qp / amax.clamp(min=eps)`
+// (Tensor.__rtruediv__ is reciprocal() * other).
+float act_scale(float amax, float eps, int qp) {
+  const float a = amax < eps ? eps : amax;
+  const float r = 1.0f / a;
+  return r * (float)qp;
+}
+
+}  // namespace
+}  // namespace bitnet
+
+using namespace bitnet;
+
+extern "C" {
+
+int bitnet_abi_version(void) { return BITNET_ABI_VERSION; }
+
+const char* bitnet_isa_name(int isa) {
+  static const char* names[] = {"scalar", "neon", "avx2", "avxvnni", "avx512vnni"};
+  return isa >= 0 && isa < BITNET_ISA_COUNT ? names[isa] : "";
+}
+
+int bitnet_isa_compiled(int isa) { return compiled(isa) ? 1 : 0; }
+int bitnet_isa_supported(int isa) { return supported(isa) ? 1 : 0; }
+int bitnet_best_isa(void) { return best_isa(); }
+
+int bitnet_get_default_isa(void) {
+  const int i = g_default_isa.load();
+  return i < 0 ? best_isa() : i;
+}
+
+int bitnet_set_default_isa(int isa) {
+  if (isa < 0) { g_default_isa.store(-1); return BITNET_OK; }
+  if (!supported(isa)) return BITNET_EISA;
+  g_default_isa.store(isa);
+  return BITNET_OK;
+}
+
+const char* bitnet_cpu_name(void) { return features().brand.c_str(); }
+
+void bitnet_set_num_threads(int n) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  g_nthreads = n > 0 ? n : cpu_count();
+}
+
+int bitnet_get_num_threads(void) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  return g_nthreads > 0 ? g_nthreads : cpu_count();
+}
+
+int bitnet_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N, int64_t ldw,
+                      int32_t* out, int64_t ldo, int isa) {
+  return matmul_common(x, M, K, ldx, w, N, ldw, out, ldo, Epilogue{}, isa);
+}
+
+int bitnet_linear(const int8_t* x, const float* x_scale, int64_t M, int64_t K, int64_t ldx, const uint8_t* w,
+                  int64_t N, int64_t ldw, float w_scale, const float* bias, float* out, int64_t ldo, int isa) {
+  Epilogue e;
+  e.to_float = true; e.x_scale = x_scale; e.w_scale = w_scale; e.bias = bias;
+  return matmul_common(x, M, K, ldx, w, N, ldw, reinterpret_cast<int32_t*>(out), ldo, e, isa);
+}
+
+int bitnet_quantize_act(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps, int8_t* xq,
+                        int64_t ldq, float* scale, int isa) {
+  if (M < 0 || K < 0 || ldx < K || ldq < K || bits < 2 || bits > 8) return BITNET_EINVAL;
+  Kernel k;
+  int rc = resolve_isa(isa, &k);
+  if (rc) return rc;
+  const int qp = (1 << (bits - 1)) - 1;
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float s = act_scale(k.absmax(x + m * ldx, K), eps, qp);
+      scale[m] = s;
+      k.quant(x + m * ldx, K, s, (float)(-qp - 1), (float)qp, xq + m * ldq);
+    }
+  });
+  return BITNET_OK;
+}
+
+int bitnet_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps, const uint8_t* w,
+                     int64_t N, int64_t ldw, float w_scale, const float* bias, float* out, int64_t ldo, int isa) {
+  int rc = check_dims(M, K, ldx, N, ldw, ldo);
+  if (rc) return rc;
+  if (bits < 2 || bits > 8) return BITNET_EINVAL;
+  Kernel k;
+  if ((rc = resolve_isa(isa, &k))) return rc;
+  if (M == 0 || N == 0) return BITNET_OK;
+  const int qp = (1 << (bits - 1)) - 1;
+  XBuf& xb = scratch();
+  prepare(xb, M, K, k);
+  std::vector<float> xs((size_t)M);
+  const bool inter = k.pair_interleave != 0;
+  int8_t* tmp_all = nullptr;
+  if (inter) {
+    if ((int64_t)xb.tmp.size() < M * K) xb.tmp.resize((size_t)(M * K));
+    tmp_all = xb.tmp.data();
+  }
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * ldx;
+      const float s = act_scale(k.absmax(xr, K), eps, qp);
+      xs[m] = s;
+      int8_t* dst = xb.x.data() + m * xb.ldx;
+      if (!inter) {
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
+        std::memset(dst + K, 0, (size_t)(xb.ldx - K));
+        int32_t sum = 0;
+        for (int64_t i = 0; i < K; ++i) sum += dst[i];
+        xb.sum[m] = sum;
+      } else {
+        int8_t* t = tmp_all + m * K;
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, t);
+        xb.sum[m] = place_row(t, K, dst, xb.ldx, true);
+      }
+    }
+  });
+  Epilogue e;
+  e.to_float = true; e.x_scale = xs.data(); e.w_scale = w_scale; e.bias = bias;
+  const GemmArgs a{xb.x.data(), xb.ldx, xb.sum.data(), w, ldw, round_up(K, 128) / 128,
+                   reinterpret_cast<int32_t*>(out), ldo};
+  run_gemm(k, a, M, N, e);
+  return BITNET_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,82 @@
+/* bitnet native CPU backend: plain C ABI (loaded from Python with ctypes; no PyTorch headers).
+ *
+ * Weights are in the I2 layout of bitnet.quant.packing (the one place it is defined):
+ * uint8 (N, Kp/4), codes c = W + 1 in {0,1,2}, Kp = ceil(K/128)*128, each 128-block is 32 bytes,
+ * byte j of a block holds k = j, j+32, j+64, j+96 at bits 1:0, 3:2, 5:4, 7:6.
+ *
+ * Integer product:  acc[m, n] = sum_k xq[m, k] * c[n, k] - sum_k xq[m, k]   (exact, int32).
+ * Float epilogue:   y[m, n]   = acc[m, n] * w_scale / x_scale[m] (+ bias[n]).
+ *
+ * All functions return 0 on success or a negative BITNET_E* code. isa = -1 means "the default"
+ * (best supported ISA, or the one forced with bitnet_set_default_isa).
+ */
+#ifndef BITNET_NATIVE_H
+#define BITNET_NATIVE_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define BITNET_API __declspec(dllexport)
+#else
+#define BITNET_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BITNET_ABI_VERSION 1
+
+enum {
+  BITNET_ISA_SCALAR = 0,
+  BITNET_ISA_NEON = 1,
+  BITNET_ISA_AVX2 = 2,
+  BITNET_ISA_AVXVNNI = 3,
+  BITNET_ISA_AVX512VNNI = 4,
+  BITNET_ISA_COUNT = 5
+};
+
+enum {
+  BITNET_OK = 0,
+  BITNET_EINVAL = -1,  /* bad shape / stride / argument */
+  BITNET_EISA = -2,    /* ISA not compiled in or not supported by this CPU */
+  BITNET_ENOMEM = -3
+};
+
+BITNET_API int bitnet_abi_version(void);
+BITNET_API const char* bitnet_isa_name(int isa);        /* "scalar", "neon", "avx2", "avxvnni", "avx512vnni" */
+BITNET_API int bitnet_isa_compiled(int isa);           /* 1 if this build has a kernel for it */
+BITNET_API int bitnet_isa_supported(int isa);          /* compiled AND the running CPU/OS supports it */
+BITNET_API int bitnet_best_isa(void);
+BITNET_API int bitnet_get_default_isa(void);
+BITNET_API int bitnet_set_default_isa(int isa);        /* BITNET_EISA if unsupported */
+BITNET_API const char* bitnet_cpu_name(void);          /* CPU brand string (x86 cpuid) or "" */
+
+BITNET_API void bitnet_set_num_threads(int n);         /* n <= 0: number of cores */
+BITNET_API int bitnet_get_num_threads(void);
+
+/* out int32 (M, ldo) = x int8 (M, K; row stride ldx) @ W^T. */
+BITNET_API int bitnet_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx,
+                                 const uint8_t* w, int64_t N, int64_t ldw,
+                                 int32_t* out, int64_t ldo, int isa);
+
+/* out float (M, ldo) = acc * w_scale / x_scale[m] (+ bias[n]); x_scale (M,), bias (N,) or NULL. */
+BITNET_API int bitnet_linear(const int8_t* x, const float* x_scale, int64_t M, int64_t K, int64_t ldx,
+                             const uint8_t* w, int64_t N, int64_t ldw, float w_scale, const float* bias,
+                             float* out, int64_t ldo, int isa);
+
+/* Per-token absmax quantisation (as bitnet.quant.activation_quant_int8, bit for bit):
+ *   s = (1 / max(max_k |x[m,k]|, eps)) * Qp,  xq = clamp(round_half_even(x * s), -Qp-1, Qp),
+ * all in float32, Qp = 2^(bits-1) - 1. xq (M, ldq) int8, scale (M,) float. */
+BITNET_API int bitnet_quantize_act(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                                   int8_t* xq, int64_t ldq, float* scale, int isa);
+
+/* Fused: quantise x (M, K) float32 per token, then bitnet_linear. */
+BITNET_API int bitnet_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                                const uint8_t* w, int64_t N, int64_t ldw, float w_scale, const float* bias,
+                                float* out, int64_t ldo, int isa);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

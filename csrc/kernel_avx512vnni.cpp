@@ -1,0 +1,90 @@
+// AVX-512 VNNI kernel (Ice Lake / Sapphire Rapids / Zen 4 ...): _mm512_dpbusd_epi32.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; chosen at run time.
+//
+// One 64-byte load covers two I2 blocks (2p, 2p+1). Shifted by 0/2/4/6 and masked with 3 it gives
+// four vectors whose lanes 32h + j hold the code of block 2p+h at k = 32q + j; the activations are
+// stored "pair interleaved" (see kernels.h) so that they line up with one contiguous 64-byte load.
+// An odd last block is loaded with a 32-byte mask: the upper half reads as code 0 (adds nothing).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 false positive inside _mm512_extracti64x4_epi64
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace bitnet {
+float absmax_avx2_shared(const float* x, int64_t K);
+void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
+
+namespace {
+
+inline int32_t hsum(__m512i v) {
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int RT, int MT>
+inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const uint8_t* wr[RT];
+  const int8_t* xr[MT];
+  for (int r = 0; r < RT; ++r) wr[r] = a.w + (n + r) * a.ldw;
+  for (int t = 0; t < MT; ++t) xr[t] = a.x + (m + t) * a.ldx;
+  __m512i acc[RT][MT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < MT; ++t) acc[r][t] = _mm512_setzero_si512();
+  const int64_t npair = a.nblk / 2;
+  const bool odd = (a.nblk & 1) != 0;
+  for (int64_t p = 0; p < npair + (odd ? 1 : 0); ++p) {
+    for (int r = 0; r < RT; ++r) {
+      const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)(wr[r] + 64 * p))
+                                   : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, wr[r] + 64 * p);
+      const __m512i c0 = _mm512_and_si512(wv, m3);
+      const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3);
+      const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3);
+      const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* xb = xr[t] + 256 * p;
+        __m512i s = acc[r][t];
+        s = _mm512_dpbusd_epi32(s, c0, _mm512_loadu_si512((const void*)(xb)));
+        s = _mm512_dpbusd_epi32(s, c1, _mm512_loadu_si512((const void*)(xb + 64)));
+        s = _mm512_dpbusd_epi32(s, c2, _mm512_loadu_si512((const void*)(xb + 128)));
+        s = _mm512_dpbusd_epi32(s, c3, _mm512_loadu_si512((const void*)(xb + 192)));
+        acc[r][t] = s;
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    int32_t* o = a.out + (m + t) * a.ldo + n;
+    const int32_t xs = a.xsum[m + t];
+    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
+  }
+}
+
+template <int RT, int MT>
+inline void rows(const GemmArgs& a, int64_t m, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n);
+  for (; n < n1; ++n) tile<1, MT>(a, m, n);
+}
+
+void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) rows<2, 4>(a, m, n0, n1);
+  switch (m1 - m) {
+    case 3: rows<2, 3>(a, m, n0, n1); break;
+    case 2: rows<4, 2>(a, m, n0, n1); break;
+    case 1: rows<4, 1>(a, m, n0, n1); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+Kernel kernel_avx512vnni() { return Kernel{gemm_avx512vnni, absmax_avx2_shared, quant_avx2_shared, 1}; }
+
+}  // namespace bitnet

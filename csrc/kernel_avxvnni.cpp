@@ -1,0 +1,79 @@
+// AVX-VNNI kernel (Alder Lake / Sapphire Rapids / Zen 5 ...): 256-bit _mm256_dpbusd_avx_epi32.
+// Compiled with -mavx2 -mfma -mavxvnni; chosen at run time. Codes (unsigned 0..2) x int8
+// activations, four products summed straight into int32 lanes; -sum(x) applied at the end.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace bitnet {
+namespace {
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int RT, int MT>
+inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const uint8_t* wr[RT];
+  const int8_t* xr[MT];
+  for (int r = 0; r < RT; ++r) wr[r] = a.w + (n + r) * a.ldw;
+  for (int t = 0; t < MT; ++t) xr[t] = a.x + (m + t) * a.ldx;
+  __m256i acc[RT][MT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    for (int r = 0; r < RT; ++r) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * b));
+      const __m256i c0 = _mm256_and_si256(wv, m3);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* xb = xr[t] + 128 * b;
+        __m256i s = acc[r][t];
+        s = _mm256_dpbusd_avx_epi32(s, c0, _mm256_loadu_si256((const __m256i*)(xb)));
+        s = _mm256_dpbusd_avx_epi32(s, c1, _mm256_loadu_si256((const __m256i*)(xb + 32)));
+        s = _mm256_dpbusd_avx_epi32(s, c2, _mm256_loadu_si256((const __m256i*)(xb + 64)));
+        s = _mm256_dpbusd_avx_epi32(s, c3, _mm256_loadu_si256((const __m256i*)(xb + 96)));
+        acc[r][t] = s;
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    int32_t* o = a.out + (m + t) * a.ldo + n;
+    const int32_t xs = a.xsum[m + t];
+    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
+  }
+}
+
+template <int RT, int MT>
+inline void rows(const GemmArgs& a, int64_t m, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n);
+  for (; n < n1; ++n) tile<1, MT>(a, m, n);
+}
+
+void gemm_avxvnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) rows<2, 4>(a, m, n0, n1);
+  switch (m1 - m) {
+    case 3: rows<2, 3>(a, m, n0, n1); break;
+    case 2: rows<2, 2>(a, m, n0, n1); break;
+    case 1: rows<4, 1>(a, m, n0, n1); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+// The activation quantiser of AVX2 is reused (same instructions are available).
+float absmax_avx2_shared(const float* x, int64_t K);
+void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
+
+Kernel kernel_avxvnni() { return Kernel{gemm_avxvnni, absmax_avx2_shared, quant_avx2_shared, 0}; }
+
+}  // namespace bitnet

@@ -1,0 +1,57 @@
+// Internal interface between the dispatcher (api.cpp) and the per-ISA kernels (kernel_*.cpp).
+// Each kernel file is compiled with its own target flags; api.cpp picks one at run time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace bitnet {
+
+// Activations as the kernels read them: one row per token, Kx bytes, zero padded past K.
+// Layout "natural": x[k]. Layout "pair interleaved" (512-bit kernels): for block pair p,
+// quarter q (0..3), half h (0..1), lane j (0..31):  xi[256p + 64q + 32h + j] = x[128(2p+h) + 32q + j],
+// so that one 64-byte weight load (blocks 2p, 2p+1) lines up with 64 contiguous activations.
+struct GemmArgs {
+  const int8_t* x;      // (M, ldx) int8
+  int64_t ldx;
+  const int32_t* xsum;  // (M,) sum_k x[m, k]
+  const uint8_t* w;     // (N, ldw) I2 rows
+  int64_t ldw;
+  int64_t nblk;         // 128-weight blocks per row (Kp / 128)
+  int32_t* out;         // (M, ldo)
+  int64_t ldo;
+};
+
+// out[m*ldo + n] = sum_k x[m,k] * c[n,k] - xsum[m]   for m in [m0, m1), n in [n0, n1)
+typedef void (*gemm_fn)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// xq[k] = clamp(round_half_even(x[k] * s), lo, hi) for k < K (float32 arithmetic, as torch).
+// Returns max_k |x[k]| when called with s < 0 (first pass), see quantize_row.
+typedef float (*absmax_fn)(const float* x, int64_t K);
+typedef void (*quant_fn)(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
+
+struct Kernel {
+  gemm_fn gemm;
+  absmax_fn absmax;
+  quant_fn quant;
+  int pair_interleave;  // 1: activations in the pair-interleaved layout above
+};
+
+// Portable helpers shared by all kernels (defined in kernel_scalar.cpp).
+float absmax_scalar(const float* x, int64_t K);
+void quant_scalar(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
+
+Kernel kernel_scalar();
+#if defined(BITNET_HAVE_AVX2)
+Kernel kernel_avx2();
+#endif
+#if defined(BITNET_HAVE_AVXVNNI)
+Kernel kernel_avxvnni();
+#endif
+#if defined(BITNET_HAVE_AVX512VNNI)
+Kernel kernel_avx512vnni();
+#endif
+#if defined(BITNET_HAVE_NEON)
+Kernel kernel_neon();
+#endif
+
+}  // namespace bitnet

@@ -1,0 +1,298 @@
+"""Kernels of packed ternary layers, one declared op per kernel, three backends.
+
+Ops (``torch.library.custom_op`` in the ``bitnet`` namespace, each with a fake impl so that
+``torch.compile(fullgraph=True)`` traces them):
+
+* ``ternary_matmul_int(x_q, w_packed, in_features)`` -> int32 (M, N), the exact integer product;
+* ``ternary_linear(x_q, x_scale, w_packed, w_scale, in_features, bias)`` -> float32 (M, N),
+  ``acc * w_scale / x_scale (+ bias)``;
+* ``bitlinear_packed(x, w_packed, w_scale, in_features, bias, bits)`` -> float32 (M, N): per-token
+  absmax int8 quantisation of ``x`` (as :func:`bitnet.quant.activation_quant_int8`) and the product
+  in one native call (the decode hot path).
+
+Weights are in the I2 layout of :mod:`bitnet.quant.packing` (uint8 (N, ceil(K/128)*32)).
+
+Backends: ``reference`` (pure torch, any device: the ground truth), ``cpu`` (native SIMD library,
+see :mod:`bitnet.ops.cpu`), ``triton`` (CUDA). The choice is made once, at import, from
+``$BITNET_BACKEND`` (``auto`` | ``reference`` | ``cpu`` | ``triton``; default ``auto``: triton for
+CUDA tensors when triton is importable, cpu for CPU tensors when the native library loaded,
+reference otherwise). :func:`backend` says which one a device gets; :func:`set_backend` changes it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ..quant import check_bits, padded_in_features
+from . import cpu as _cpu
+from . import reference as _ref
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+"""Accepted values of ``$BITNET_BACKEND`` / :func:`set_backend`."""
+
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def _parse_backend(name) -> str:
+    key = str(name).strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"bitnet backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if key == "cpu" and not _cpu.available():
+        raise RuntimeError(f"bitnet backend 'cpu' was asked for, but {_cpu.LOAD_ERROR}")
+    if key == "triton" and not _TRITON_IMPORTABLE:
+        raise RuntimeError("bitnet backend 'triton' was asked for, but triton is not installed")
+    return key
+
+
+_requested = _parse_backend(os.environ.get("BITNET_BACKEND", "auto") or "auto")
+
+if os.environ.get("BITNET_ISA", "").strip() and _cpu.available():
+    _cpu.set_default_isa(os.environ["BITNET_ISA"])       # ValueError / RuntimeError if not usable here
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for all later calls: 'auto', 'reference', 'cpu' or 'triton'."""
+    global _requested
+    _requested = _parse_backend(name)
+
+
+def backend(device="cpu") -> str:
+    """The backend that tensors on ``device`` use: 'reference', 'cpu' or 'triton'."""
+    dev = torch.device(device).type
+    if _requested == "auto":
+        if dev == "cpu":
+            return "cpu" if _cpu.available() else "reference"
+        if dev == "cuda":
+            return "triton" if _TRITON_IMPORTABLE else "reference"
+        return "reference"
+    if _requested == "cpu" and dev != "cpu":
+        raise RuntimeError(f"BITNET_BACKEND is 'cpu' but the tensors are on {dev}")
+    if _requested == "triton" and dev != "cuda":
+        raise RuntimeError(f"BITNET_BACKEND is 'triton' but the tensors are on {dev} (triton needs CUDA)")
+    return _requested
+
+
+def set_num_threads(n: int) -> None:
+    """Number of threads of the native CPU backend (n <= 0: all cores). No effect on torch itself."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if _cpu.available():
+        _cpu.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads of the native CPU backend (torch's count when the native backend is missing)."""
+    return _cpu.get_num_threads() if _cpu.available() else torch.get_num_threads()
+
+
+def native_info() -> dict:
+    """What the native CPU backend is: loaded or not (and why), ISA chosen, ISAs available, threads, CPU."""
+    info = {
+        "available": _cpu.available(),
+        "path": _cpu.LIB_PATH,
+        "error": _cpu.LOAD_ERROR,
+        "isa": _cpu.default_isa(),
+        "isas_supported": _cpu.supported_isas(),
+        "isas_compiled": _cpu.compiled_isas(),
+        "threads": _cpu.get_num_threads() if _cpu.available() else None,
+        "cpu": _cpu.cpu_name(),
+        "backend_cpu": backend("cpu"),
+        "requested": _requested,
+    }
+    return info
+
+
+def _triton():
+    from . import triton_backend  # lazy: only for CUDA tensors, and only when triton is importable
+
+    return triton_backend
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks (shared by the eager path and the fake impls, so errors are the same under compile)
+
+def _check_matmul_args(x_q, w_packed, in_features, x_name="x_q"):
+    if not isinstance(x_q, torch.Tensor) or x_q.dtype != torch.int8 or x_q.dim() != 2:
+        raise TypeError(f"{x_name} must be a 2-D int8 tensor (M, K), got "
+                        f"{_describe(x_q)}")
+    if not isinstance(w_packed, torch.Tensor) or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise TypeError(f"w_packed must be a 2-D uint8 tensor (N, ceil(K/128)*32) in the I2 layout, got {_describe(w_packed)}")
+    _check_k(x_q, w_packed, in_features, x_name)
+
+
+def _check_k(x, w_packed, in_features, x_name):
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{x_name} has {x.shape[-1]} features (last dim) but in_features={in_features}")
+    if w_packed.shape[1] * 4 != padded_in_features(in_features):
+        raise ValueError(f"w_packed has {w_packed.shape[1]} bytes per row; in_features={in_features} needs "
+                         f"{padded_in_features(in_features) // 4} (I2 layout, rows padded to 128 weights)")
+    if x.device != w_packed.device:
+        raise ValueError(f"{x_name} is on {x.device} but w_packed is on {w_packed.device}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def _check_scales(m, n, device, x_scale, w_scale, bias):
+    if x_scale is not None:
+        if not isinstance(x_scale, torch.Tensor) or not x_scale.dtype.is_floating_point or x_scale.numel() != m \
+                or x_scale.dim() not in (1, 2) or (x_scale.dim() == 2 and x_scale.shape[1] != 1):
+            raise ValueError(f"x_scale must be a float tensor of shape ({m}, 1), got {_describe(x_scale)}")
+        if x_scale.device != device:
+            raise ValueError(f"x_scale is on {x_scale.device} but x_q is on {device}")
+    if not isinstance(w_scale, torch.Tensor) or not w_scale.dtype.is_floating_point or w_scale.numel() != 1:
+        raise ValueError(f"w_scale must be a 0-dim float tensor (the per-tensor weight scale), got {_describe(w_scale)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point or tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be None or a float tensor of shape ({n},), got {_describe(bias)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but the input is on {device}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Declared ops. The bodies dispatch on the backend of the tensors' device.
+
+@torch.library.custom_op("bitnet::ternary_matmul_int", mutates_args=())
+def _op_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    b = backend(x_q.device)
+    if b == "cpu":
+        return _cpu.matmul_int(x_q, w_packed, in_features)
+    if b == "triton":
+        return _triton().triton_ternary_matmul_int(x_q, w_packed, in_features)
+    return _ref.matmul_int(x_q, w_packed, in_features)
+
+
+@_op_matmul_int.register_fake
+def _(x_q, w_packed, in_features):
+    _check_matmul_args(x_q, w_packed, in_features)
+    return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("bitnet::ternary_linear", mutates_args=())
+def _op_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+               in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    b = backend(x_q.device)
+    if b == "cpu":
+        return _cpu.linear(x_q, x_scale, w_packed, float(w_scale), in_features, bias)
+    if b == "triton":
+        return _triton().triton_ternary_linear(x_q, x_scale.to(torch.float32), w_packed, w_scale.to(torch.float32),
+                                               in_features, bias)
+    return _ref.linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
+
+
+@_op_linear.register_fake
+def _(x_q, x_scale, w_packed, w_scale, in_features, bias):
+    _check_matmul_args(x_q, w_packed, in_features)
+    _check_scales(x_q.shape[0], w_packed.shape[0], x_q.device, x_scale, w_scale, bias)
+    return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("bitnet::bitlinear_packed", mutates_args=())
+def _op_bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
+                  bias: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+    b = backend(x.device)
+    if b == "cpu":
+        return _cpu.bitlinear(x, w_packed, float(w_scale), in_features, bias, bits)
+    if b == "triton":
+        tb = _triton()
+        x_q, x_scale = tb.triton_quantize_activations(x, bits)
+        return tb.triton_ternary_linear(x_q, x_scale, w_packed, w_scale.to(torch.float32), in_features, bias)
+    return _ref.bitlinear(x, w_packed, w_scale, in_features, bias, bits)
+
+
+@_op_bitlinear.register_fake
+def _(x, w_packed, w_scale, in_features, bias, bits):
+    _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits)
+    return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=torch.float32)
+
+
+def _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits):
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
+        raise TypeError(f"x must be a 2-D floating point tensor (M, K), got {_describe(x)}")
+    if not isinstance(w_packed, torch.Tensor) or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise TypeError(f"w_packed must be a 2-D uint8 tensor (N, ceil(K/128)*32) in the I2 layout, got {_describe(w_packed)}")
+    _check_k(x, w_packed, in_features, "x")
+    _check_scales(x.shape[0], w_packed.shape[0], x.device, None, w_scale, bias)
+    check_bits(bits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions: validate, flatten leading dims, call the op.
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def ternary_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Exact integer product ``x_q @ W^T``.
+
+    Args:
+        x_q: int8 (..., K) activations (K == in_features).
+        w_packed: uint8 (N, ceil(K/128)*32), ternary weights in the I2 layout (:func:`bitnet.quant.pack_i2`).
+        in_features: K.
+    Returns:
+        int32 (..., N).
+    """
+    if isinstance(x_q, torch.Tensor) and x_q.dim() > 2:
+        _check_matmul_args(_flat(x_q), w_packed, in_features)
+        return _op_matmul_int(_flat(x_q), w_packed, in_features).reshape(*x_q.shape[:-1], w_packed.shape[0])
+    _check_matmul_args(x_q, w_packed, in_features)
+    return _op_matmul_int(x_q, w_packed, in_features)
+
+
+def ternary_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                   in_features: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """BitLinear output from int8 activations: ``(x_q @ W^T) * w_scale / x_scale (+ bias)``.
+
+    Args:
+        x_q: int8 (..., K); x_scale: float (..., 1), the activation scale s = Qp / max|x| per token.
+        w_packed: uint8 (N, ceil(K/128)*32) I2 weights; w_scale: 0-dim float32 tensor (gamma = mean|W|).
+        in_features: K. bias: optional float (N,).
+    Returns:
+        float32 (..., N).
+    """
+    lead = x_q.shape[:-1] if isinstance(x_q, torch.Tensor) else None
+    if isinstance(x_q, torch.Tensor) and x_q.dim() > 2:
+        x_q = _flat(x_q)
+        if isinstance(x_scale, torch.Tensor):
+            x_scale = x_scale.reshape(-1, 1)
+    _check_matmul_args(x_q, w_packed, in_features)
+    _check_scales(x_q.shape[0], w_packed.shape[0], x_q.device, x_scale, w_scale, bias)
+    if x_scale.dim() == 1:
+        x_scale = x_scale.reshape(-1, 1)
+    y = _op_linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
+    return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
+
+
+def bitlinear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
+                     bias: Optional[torch.Tensor] = None, bits: int = 8) -> torch.Tensor:
+    """Fused packed BitLinear: per-token absmax quantisation of ``x`` to ``bits`` (int8 storage,
+    exactly :func:`bitnet.quant.activation_quant_int8`), then ``(x_q @ W^T) * w_scale / x_scale (+ bias)``.
+
+    Args:
+        x: float (..., K) (any float dtype; quantised in float32). w_packed: uint8 I2 (N, ceil(K/128)*32).
+        w_scale: 0-dim float32 tensor. in_features: K. bias: optional float (N,). bits: 2..8.
+    Returns:
+        float32 (..., N).
+    """
+    lead = x.shape[:-1] if isinstance(x, torch.Tensor) else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2:
+        x = _flat(x)
+    _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits)
+    y = _op_bitlinear(x, w_packed, w_scale, in_features, bias, bits)
+    return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
+
+
+__all__ = [
+    "BACKENDS", "backend", "bitlinear_packed", "get_num_threads", "native_info", "set_backend",
+    "set_num_threads", "ternary_linear", "ternary_matmul_int",
+]

@@ -1,0 +1,246 @@
+"""Native CPU backend: the C ABI library built from ``csrc/`` (no PyTorch headers), loaded with ctypes.
+
+Where the library is looked for, in order:
+
+1. ``$BITNET_NATIVE_LIB`` (a path), if set;
+2. the module spec of ``bitnet.ops._bitnet_native``: the file is named like an extension module so
+   that importlib finds it in normal installs (next to this file) *and* in scikit-build-core's
+   editable "redirect" installs (where it lives in site-packages, not in ``src/``). It is never
+   imported as a module, only located;
+3. this directory.
+
+If the library is missing (the package was installed without a C++ compiler) or does not load,
+:data:`LOAD_ERROR` says why and :func:`available` is False; ``bitnet.ops`` then uses the reference
+backend on CPU and ``bitnet.ops.native_info()`` reports the reason.
+
+ISA: the best one the CPU supports (AVX-512 VNNI > AVX-VNNI > AVX2 > NEON > scalar) unless
+``$BITNET_ISA`` names another (a lower one, to test it); every function also takes ``isa=``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni")
+"""ISA names, in the order of the library's ISA ids."""
+
+_LIB_BASENAME = "_bitnet_native"
+_ABI_VERSION = 1
+_ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
+
+_lib: Optional[ctypes.CDLL] = None
+LIB_PATH: Optional[str] = None
+LOAD_ERROR: Optional[str] = None
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("BITNET_NATIVE_LIB", "").strip()
+    if env:
+        return [Path(env)]
+    out = []
+    spec = importlib.util.find_spec(f"{__package__}.{_LIB_BASENAME}")
+    if spec is not None and spec.origin:
+        out.append(Path(spec.origin))
+    here = Path(__file__).resolve().parent
+    out += [here / (_LIB_BASENAME + s) for s in (".so", ".dylib", ".dll", ".pyd")]
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    sig = {
+        "bitnet_abi_version": ([], I),
+        "bitnet_isa_name": ([I], ctypes.c_char_p),
+        "bitnet_isa_compiled": ([I], I),
+        "bitnet_isa_supported": ([I], I),
+        "bitnet_best_isa": ([], I),
+        "bitnet_get_default_isa": ([], I),
+        "bitnet_set_default_isa": ([I], I),
+        "bitnet_cpu_name": ([], ctypes.c_char_p),
+        "bitnet_set_num_threads": ([I], None),
+        "bitnet_get_num_threads": ([], I),
+        "bitnet_matmul_int": ([P, I64, I64, I64, P, I64, I64, P, I64, I], I),
+        "bitnet_linear": ([P, P, I64, I64, I64, P, I64, I64, F, P, P, I64, I], I),
+        "bitnet_quantize_act": ([P, I64, I64, I64, I, F, P, I64, P, I], I),
+        "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+
+
+def _load() -> None:
+    global _lib, LIB_PATH, LOAD_ERROR
+    tried = []
+    for path in _candidates():
+        if not path.is_file():
+            tried.append(str(path))
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:  # present but unloadable (wrong arch, missing libstdc++, ...): report it
+            LOAD_ERROR = f"{path} did not load: {e}"
+            return
+        _declare(lib)
+        if lib.bitnet_abi_version() != _ABI_VERSION:
+            LOAD_ERROR = f"{path} has ABI version {lib.bitnet_abi_version()}, expected {_ABI_VERSION} (rebuild: pip install .)"
+            return
+        _lib, LIB_PATH = lib, str(path)
+        return
+    LOAD_ERROR = (
+        "native library not built (the package was installed without a C++ compiler?); looked for "
+        + ", ".join(tried)
+    )
+
+
+_load()
+
+
+def available() -> bool:
+    """True if the native library is loaded."""
+    return _lib is not None
+
+
+def _need() -> ctypes.CDLL:
+    if _lib is None:
+        raise RuntimeError(f"the native CPU backend is not available: {LOAD_ERROR}")
+    return _lib
+
+
+def isa_id(isa: Optional[str]) -> int:
+    """Library id of an ISA name; None -> -1 (the default ISA)."""
+    if isa is None:
+        return -1
+    key = str(isa).strip().lower()
+    if key not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    i = ISAS.index(key)
+    lib = _need()
+    if not lib.bitnet_isa_supported(i):
+        why = "not compiled into this build" if not lib.bitnet_isa_compiled(i) else "not supported by this CPU"
+        raise RuntimeError(f"isa {key!r} is {why}; supported here: {', '.join(supported_isas())}")
+    return i
+
+
+def supported_isas() -> list[str]:
+    """ISAs compiled in and supported by this CPU, lowest first."""
+    if _lib is None:
+        return []
+    return [n for i, n in enumerate(ISAS) if _lib.bitnet_isa_supported(i)]
+
+
+def compiled_isas() -> list[str]:
+    if _lib is None:
+        return []
+    return [n for i, n in enumerate(ISAS) if _lib.bitnet_isa_compiled(i)]
+
+
+def default_isa() -> Optional[str]:
+    return ISAS[_lib.bitnet_get_default_isa()] if _lib is not None else None
+
+
+def set_default_isa(isa: Optional[str]) -> None:
+    """Force the ISA used when none is given (None: back to the best one)."""
+    _need().bitnet_set_default_isa(isa_id(isa))
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the native backend (n <= 0: number of cores)."""
+    _need().bitnet_set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_need().bitnet_get_num_threads())
+
+
+def cpu_name() -> str:
+    return _lib.bitnet_cpu_name().decode(errors="replace") if _lib is not None else ""
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"native {what} failed: {_ERRORS.get(rc, rc)}")
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t (M, K) with unit stride along K and rows that do not overlap; returns (t, row stride)."""
+    m, k = t.shape
+    if t.stride(-1) != 1 or (m > 1 and t.stride(0) < k):
+        t = t.contiguous()
+    return t, (t.stride(0) if m > 1 else k)
+
+
+# The functions below expect arguments already validated by bitnet.ops (dtype, shapes, device);
+# they only make the layouts the library reads (unit stride along K, contiguous weight rows).
+
+def matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int, isa: Optional[str] = None) -> torch.Tensor:
+    """int32 (M, N) = x_q (M, K) int8 @ W^T, W in I2 layout (N, Kp/4)."""
+    lib = _need()
+    x_q, ldx = _rows(x_q)
+    w_packed = w_packed.contiguous()
+    m, n = x_q.shape[0], w_packed.shape[0]
+    out = torch.empty((m, n), dtype=torch.int32)
+    rc = lib.bitnet_matmul_int(x_q.data_ptr(), m, in_features, ldx, w_packed.data_ptr(), n,
+                               w_packed.shape[1], out.data_ptr(), n, isa_id(isa))
+    _check_rc(rc, "matmul_int")
+    return out
+
+
+def linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_features: int,
+           bias: Optional[torch.Tensor], isa: Optional[str] = None) -> torch.Tensor:
+    """float32 (M, N) = (x_q @ W^T) * w_scale / x_scale (+ bias)."""
+    lib = _need()
+    x_q, ldx = _rows(x_q)
+    x_scale = x_scale.reshape(-1).to(torch.float32).contiguous()
+    w_packed = w_packed.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    m, n = x_q.shape[0], w_packed.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    rc = lib.bitnet_linear(x_q.data_ptr(), x_scale.data_ptr(), m, in_features, ldx, w_packed.data_ptr(),
+                           n, w_packed.shape[1], float(w_scale), _ptr(bias), out.data_ptr(), n, isa_id(isa))
+    _check_rc(rc, "linear")
+    return out
+
+
+def quantize_act(x: torch.Tensor, bits: int = 8, eps: float = 1e-5, isa: Optional[str] = None):
+    """Per-token absmax int8 quantisation, bit for bit as ``bitnet.quant.activation_quant_int8``.
+
+    Returns (xq int8 (M, K), s float32 (M, 1)).
+    """
+    lib = _need()
+    x, ldx = _rows(x.to(torch.float32))
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty((m, 1), dtype=torch.float32)
+    rc = lib.bitnet_quantize_act(x.data_ptr(), m, k, ldx, int(bits), float(eps), xq.data_ptr(), k,
+                                 s.data_ptr(), isa_id(isa))
+    _check_rc(rc, "quantize_act")
+    return xq, s
+
+
+def bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_features: int,
+              bias: Optional[torch.Tensor], bits: int = 8, eps: float = 1e-5, isa: Optional[str] = None) -> torch.Tensor:
+    """Fused per-token int8 quantisation of x (M, K) + ternary linear: float32 (M, N)."""
+    lib = _need()
+    x, ldx = _rows(x.to(torch.float32))
+    w_packed = w_packed.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    m, n = x.shape[0], w_packed.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    rc = lib.bitnet_bitlinear(x.data_ptr(), m, in_features, ldx, int(bits), float(eps), w_packed.data_ptr(),
+                              n, w_packed.shape[1], float(w_scale), _ptr(bias), out.data_ptr(), n, isa_id(isa))
+    _check_rc(rc, "bitlinear")
+    return out

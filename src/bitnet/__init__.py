@@ -16,3 +16,15 @@ __all__ = [
     "activation_quant", "binary_weight_quant", "replace_linears_in_hf", "set_quant_strength",
     "ternary_weight_quant", "weight_quant",
 ]
+
+# Hugging Face integration (transformers is optional): register BitLlama with the Auto classes when
+# transformers gets imported, and resolve the HF classes lazily (``bitnet.BitLlamaForCausalLM``, ...).
+from . import hf as _hf  # noqa: E402
+
+_hf.install()
+
+
+def __getattr__(name):
+    if name in _hf.LAZY_EXPORTS:
+        return getattr(_hf, name)
+    raise AttributeError(f"module 'bitnet' has no attribute {name!r}")

@@ -5,9 +5,10 @@ from .bitlinear import BitLinear, set_quant_strength
 from .feedforward import BitFeedForward
 from .layers import WEIGHTS_CHOICES, check_weights, make_linear
 from .norm import RMSNorm
+from .packed import PackedBitLinear
 from .rotary import RotaryEmbedding
 
 __all__ = [
-    "BitLinear", "BitMGQA", "BitFeedForward", "KVCache", "RMSNorm", "RotaryEmbedding",
+    "BitLinear", "BitMGQA", "BitFeedForward", "KVCache", "PackedBitLinear", "RMSNorm", "RotaryEmbedding",
     "WEIGHTS_CHOICES", "check_weights", "make_linear", "set_quant_strength",
 ]

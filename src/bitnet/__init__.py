@@ -4,15 +4,16 @@ Train with ordinary PyTorch (``BitLinear`` is a drop-in ``nn.Linear``), run pack
 with int8 activations on native CPU and Triton GPU kernels.
 """
 
-from .convert import replace_linears_in_hf
+from .convert import pack, replace_linears_in_hf
 from .models import BitNetTransformer
-from .nn import BitFeedForward, BitLinear, BitMGQA, RMSNorm, set_quant_strength
+from .nn import BitFeedForward, BitLinear, BitMGQA, PackedBitLinear, RMSNorm, set_quant_strength
 from .quant import activation_quant, binary_weight_quant, ternary_weight_quant, weight_quant
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BitFeedForward", "BitLinear", "BitMGQA", "BitNetTransformer", "RMSNorm",
+    "BitFeedForward", "BitLinear", "BitMGQA", "BitNetTransformer", "PackedBitLinear", "RMSNorm",
+    "pack",
     "activation_quant", "binary_weight_quant", "replace_linears_in_hf", "set_quant_strength",
     "ternary_weight_quant", "weight_quant",
 ]

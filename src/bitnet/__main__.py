@@ -1,0 +1,7 @@
+"""``python -m bitnet`` = the ``bitnet`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

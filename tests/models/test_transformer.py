@@ -65,3 +65,18 @@ def test_errors():
         BitNetTransformer(num_tokens=10, dim=32, depth=1, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="weights must be one of"):
         BitNetTransformer(num_tokens=10, dim=32, depth=1, heads=4, weights="2")
+
+
+def test_rows_at_different_positions_decode_like_separate_sequences():
+    """Continuous batching: two prompts of different lengths share each decode step."""
+    model = tiny().eval()
+    prompts = [torch.randint(0, 40, (1, 5)), torch.randint(0, 40, (1, 9))]
+    nxt = torch.randint(0, 40, (2, 1))
+    with torch.no_grad():
+        alone = [model(torch.cat([p, nxt[i:i + 1]], 1))[:, -1] for i, p in enumerate(prompts)]
+        caches = model.new_caches(2, 32)
+        for i, p in enumerate(prompts):
+            model(p, [c.row(i) for c in caches], 0)                     # prefill row i only
+        positions = torch.tensor([5, 9])
+        together = model(nxt, caches, positions)[:, -1]                 # one step, rows at 5 and 9
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)

@@ -34,7 +34,7 @@ class TransformerBlock(nn.Module):
         self.ffn = BitFeedForward(dim, dim, ff_mult, post_act_ln=True, dropout=dropout, glu=True,
                                   activation=activation, weights=weights, bits=bits, linear_norm=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         h = self.attn_norm(x)
         x = x + self.attn(h, h, h, is_causal=True, cache=cache, start_pos=start_pos)[0]
         return x + self.ffn(self.ffn_norm(x))
@@ -57,7 +57,9 @@ class BitNetTransformer(nn.Module):
         tie_embeddings: share the embedding matrix with the output head.
 
     ``forward(tokens)`` maps token ids (B, T) to logits (B, T, num_tokens). For decoding pass
-    ``caches=model.new_caches(B)`` and ``start_pos`` (number of tokens already in the caches).
+    ``caches=model.new_caches(B)`` and ``start_pos`` (number of tokens already in the caches), or a
+    LongTensor (B,) of per-row positions for one-token steps of sequences of different lengths
+    (continuous batching; prefill each row with ``[c.row(i) for c in caches]``).
     """
 
     def __init__(
@@ -134,13 +136,13 @@ class BitNetTransformer(nn.Module):
                 f"got min {int(tokens.min())}, max {int(tokens.max())}"
             )
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.check_tokens(tokens)
-        if start_pos + tokens.shape[1] > self.max_seq_len:
-            raise ValueError(
-                f"sequence of {start_pos + tokens.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}"
-            )
+        end = (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + tokens.shape[1]
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], start_pos)

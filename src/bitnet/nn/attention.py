@@ -14,23 +14,50 @@ from .rotary import RotaryEmbedding
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values (batch, kv_heads, max_len, head_dim) and the number of filled positions."""
+    """Preallocated keys/values (batch, kv_heads, max_len, head_dim) and the number of filled positions.
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
+    Rows may sit at different positions (continuous batching): pass a LongTensor ``start_pos`` of
+    shape (batch,) to :meth:`update` for one-token decode steps, and use :meth:`row` to prefill one
+    row on its own.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32,
+                 _storage: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        k, v = _storage if _storage is not None else (torch.zeros(shape, device=device, dtype=dtype),
+                                                      torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
         self.max_len = max_len
         self.length = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, T, hd) at start_pos; return all keys/values so far."""
-        end = start_pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
-        self.k[:, :, start_pos:end] = k.to(self.k.dtype)
-        self.v[:, :, start_pos:end] = v.to(self.v.dtype)
+    def row(self, index: int) -> "KVCache":
+        """A cache of batch 1 that shares row ``index``'s storage (for prefilling one sequence)."""
+        k, v = self.k[index:index + 1], self.v[index:index + 1]
+        return KVCache(1, k.shape[1], self.max_len, k.shape[3], _storage=(k, v))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, T, hd) at ``start_pos``; return all keys/values so far.
+
+        ``start_pos`` is an int (all rows aligned) or a LongTensor (B,) of per-row positions (T must be 1);
+        in that case the returned keys span ``max(start_pos) + 1`` positions and rows must be masked.
+        """
+        if isinstance(start_pos, torch.Tensor):
+            if k.shape[2] != 1:
+                raise ValueError(f"per-row positions need one new token per row, got {k.shape[2]}")
+            end = int(start_pos.max()) + 1
+            if end > self.max_len:
+                raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)                 # (B, Hkv, hd)
+            self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
+        else:
+            end = start_pos + k.shape[2]
+            if end > self.max_len:
+                raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
+            self.k[:, :, start_pos:end] = k.to(self.k.dtype)
+            self.v[:, :, start_pos:end] = v.to(self.v.dtype)
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -99,7 +126,7 @@ class BitMGQA(nn.Module):
         is_causal: bool = False,
         average_attn_weights: bool = False,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
@@ -117,7 +144,10 @@ class BitMGQA(nn.Module):
 
         tq, tk = q.shape[2], k.shape[2]
         mask = None
-        if is_causal and tq > 1:
+        if isinstance(start_pos, torch.Tensor):
+            # rows at different positions: row b sees keys 0..start_pos[b]      mask (B, 1, 1, Tk)
+            mask = (torch.arange(tk, device=q.device).view(1, -1) <= start_pos.view(-1, 1)).view(-1, 1, 1, tk)
+        elif is_causal and tq > 1:
             # query i sits at absolute position (tk - tq + i): it sees keys 0..tk-tq+i
             mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         dropout = self.dropout if self.training else 0.0

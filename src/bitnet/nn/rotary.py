@@ -23,14 +23,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def rotate(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, start_pos=0) -> torch.Tensor:
+        """Rotate x (B, heads, T, hd). ``start_pos``: an int, or a LongTensor (B,) of per-row start positions."""
         t = x.shape[-2]
-        if start_pos + t > self.max_seq_len:
-            raise ValueError(
-                f"sequence position {start_pos + t} exceeds max_seq_len={self.max_seq_len} of the rotary table"
-            )
-        cos = self.cos[start_pos:start_pos + t].to(x.dtype)                                     # (T, hd)
-        sin = self.sin[start_pos:start_pos + t].to(x.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.view(-1, 1) + torch.arange(t, device=start_pos.device)           # (B, T)
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)                                     # (B, 1, T, hd)
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        else:
+            if start_pos + t > self.max_seq_len:
+                raise ValueError(
+                    f"sequence position {start_pos + t} exceeds max_seq_len={self.max_seq_len} of the rotary table"
+                )
+            cos = self.cos[start_pos:start_pos + t].to(x.dtype)                                     # (T, hd)
+            sin = self.sin[start_pos:start_pos + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)                                                   # rotate_half
+        rotated = torch.cat([-x2, x1], dim=-1)                                                     # rotate_half
         return x * cos + rotated * sin

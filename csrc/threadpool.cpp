@@ -36,7 +36,9 @@ void ThreadPool::drain() {
 }
 
 void ThreadPool::worker_loop() {
-  uint64_t seen = gen_.load(std::memory_order_acquire);
+  // Generation 0 is the state at construction; reading gen_ here instead would race with a first
+  // try_run() that starts before this thread does (and then wait for a generation that never comes).
+  uint64_t seen = 0;
   for (;;) {
     // Spin a little: the next call usually comes right away during decoding.
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);

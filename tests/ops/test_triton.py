@@ -18,6 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bitnet.ops import reference as reference_ops  # noqa: E402
 from bitnet.ops import triton_backend as tb  # noqa: E402
 from bitnet.quant import activation_quant_int8, pack_i2, ternary_matmul_reference  # noqa: E402
 
@@ -130,6 +131,8 @@ def test_linear_fused_epilogue(m, n, k, kernel, split_k, with_bias, device):
         ref = ref + bias.float()
     assert y.dtype == torch.float32 and y.shape == (m, n)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    # same float32 epilogue, same order as the reference backend: equal bit for bit on CPU
+    assert torch.equal(y, reference_ops.linear(xq, xs, packed, ws, k, bias))
     # and close to the float BitLinear it stands for: dequantised x @ (w * ws)^T
     approx = (xq.float() / xs) @ (w.float() * ws).T + (bias.float() if with_bias else 0)
     torch.testing.assert_close(y, approx, rtol=1e-4, atol=1e-4)

@@ -290,7 +290,7 @@ def _check_device(*tensors: torch.Tensor) -> torch.device:
     if dev.type == "cpu" and not interpret_mode():
         raise RuntimeError(
             "Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 "
-            "before the first call (slow, for tests)"
+            "before anything imports triton (slow, for tests)"
         )
     return dev
 

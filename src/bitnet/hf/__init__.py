@@ -13,6 +13,7 @@ from ._register import flush, install
 LAZY_EXPORTS = {
     "BitLlamaConfig": ".configuration_bitllama",
     "BitLlamaForCausalLM": ".bitllama",
+    "BitNetForCausalLM": ".bitnet_official",
 }
 
 

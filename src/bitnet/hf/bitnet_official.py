@@ -1,0 +1,273 @@
+"""The official BitNet b1.58 checkpoints (microsoft/bitnet-b1.58-2B-4T and its bf16 variant) on our kernels.
+
+Architecture: Llama with squared-ReLU gate (``hidden_act="relu2"``), an RMSNorm ``attn_sub_norm`` before
+``o_proj`` and ``ffn_sub_norm`` before ``down_proj``, tied embeddings. Here it is a
+``transformers.LlamaForCausalLM`` (so ``generate()`` and the KV cache are transformers') whose seven
+decoder projections are replaced by
+
+* :class:`HFPackedBitLinear` (default): 2-bit I2-packed ternary weight + fp32 scale, int8 per-token
+  activations, run by ``bitnet.ops.bitlinear_packed`` (native CPU / Triton / reference backend);
+* ``bitnet.nn.BitLinear`` with ``trainable=True``: fp master weights, fake quantisation (fine-tuning).
+
+The sub-norms live inside the layers that read them (``o_proj.norm``, ``down_proj.norm``), so the
+official names are mapped on load and mapped back on save. Checkpoint formats (``quantization_config``
+with ``quant_method="bitnet"``, ``linear_class="autobitlinear"``):
+
+* ``quantization_mode="offline"``: uint8 weights in the HF layout (:mod:`bitnet.convert.hf_bitnet`) and
+  a ``weight_scale`` per linear that multiplies the output;
+* ``quantization_mode="online"``: bf16 master weights, quantised at run time (absmean ternary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .. import ops
+from ..convert.hf_bitnet import pack_hf_bitnet, unpack_hf_bitnet
+from ..nn.bitlinear import BitLinear
+from ..nn.norm import RMSNorm
+from ..quant import check_bits, pack_i2, padded_in_features, unpack_i2
+
+PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUB_NORMS = {"self_attn.attn_sub_norm": "self_attn.o_proj.norm", "mlp.ffn_sub_norm": "mlp.down_proj.norm"}
+QUANT_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
+_LLAMA_KEYS = set(LlamaConfig().to_dict())
+
+
+class HFPackedBitLinear(nn.Module):
+    """Inference linear with I2-packed ternary weights: ``y = (xq @ Wq^T) * w_scale / s``.
+
+    Buffers ``w_packed`` uint8 (out, ceil(in/128)*32) and ``w_scale`` fp32 0-dim, the same names and
+    layout as ``bitnet.nn.PackedBitLinear`` (switching to it is a one-line change once it is public).
+    ``norm`` (RMSNorm on the input) is the official ``attn_sub_norm`` / ``ffn_sub_norm``.
+    """
+
+    def __init__(self, in_features, out_features, norm=False, norm_eps=1e-5, bits=8, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, check_bits(bits)
+        self.register_buffer("w_packed", torch.ones(out_features, padded_in_features(in_features) // 4,
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.norm = RMSNorm(in_features, eps=norm_eps, device=device, dtype=dtype) if norm else None
+
+    def ternary_weight(self) -> torch.Tensor:
+        """The ternary values (out, in) as int8."""
+        return unpack_i2(self.w_packed, self.in_features, torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return ops.bitlinear_packed(x, self.w_packed, self.w_scale, self.in_features, None, self.bits).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, norm={self.norm is not None}"
+
+
+def llama_config_from_bitnet(config) -> LlamaConfig:
+    """A LlamaConfig (relu2, tied embeddings unless said otherwise) from a BitNet config dict / object."""
+    d = dict(config if isinstance(config, dict) else config.to_dict())
+    d.setdefault("hidden_act", "relu2")
+    d.setdefault("tie_word_embeddings", True)
+    d.setdefault("rms_norm_eps", 1e-5)
+    kept = {k: v for k, v in d.items()
+            if k in _LLAMA_KEYS or k in ("rope_theta", "rope_scaling")}
+    kept.pop("model_type", None)
+    return LlamaConfig.from_dict(kept)
+
+
+def _resolve(path_or_id, **hub_kwargs) -> str:
+    if os.path.isdir(path_or_id):
+        return str(path_or_id)
+    if os.path.exists(path_or_id) or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id!r} is not a checkpoint folder (config.json + *.safetensors)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                 **hub_kwargs)
+    except Exception as err:   # noqa: BLE001 -- re-raised with the cause attached
+        raise OSError(
+            f"cannot download {path_or_id!r}: the Hugging Face Hub is offline or unreachable from here "
+            f"({type(err).__name__}). Download the checkpoint elsewhere and pass its local folder."
+        ) from err
+
+
+def read_safetensors_folder(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: ``model.safetensors`` or the shards named by ``model.safetensors.index.json``."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(folder, shard)))
+    return state
+
+
+class BitNetForCausalLM(LlamaForCausalLM):
+    """BitNet b1.58 causal LM in the official Hugging Face layout, on bitnet's packed kernels.
+
+    ``BitNetForCausalLM.from_pretrained(folder_or_hub_id)`` reads offline (packed uint8) or online (bf16)
+    checkpoints; ``save_pretrained(folder)`` writes the offline layout that transformers' own
+    ``BitNetForCausalLM`` loads. ``BitNetForCausalLM(config, trainable=False)`` builds a fresh model.
+    """
+
+    config_class = LlamaConfig
+
+    def __init__(self, config, trainable: bool = False):
+        config = config if isinstance(config, LlamaConfig) else llama_config_from_bitnet(config)
+        super().__init__(config)
+        self.trainable = trainable
+        for layer in self.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name in PROJ_NAMES:
+                    lin = getattr(parent, name, None)
+                    if lin is None:
+                        continue
+                    norm = name in ("o_proj", "down_proj")
+                    dev = lin.weight.device
+                    if trainable:
+                        new = BitLinear(lin.in_features, lin.out_features, norm=norm, norm_eps=config.rms_norm_eps,
+                                        device=dev, dtype=lin.weight.dtype)
+                    else:
+                        new = HFPackedBitLinear(lin.in_features, lin.out_features, norm=norm,
+                                                norm_eps=config.rms_norm_eps, device=dev, dtype=lin.weight.dtype)
+                    setattr(parent, name, new)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype: torch.dtype = torch.float32, trainable: bool = False,
+                        **hub_kwargs) -> "BitNetForCausalLM":
+        """Load an official-layout checkpoint (local folder, or hub id when the hub is reachable).
+
+        Args:
+            dtype: dtype of embeddings, norms and activations (float32 default; bf16 on GPU).
+            trainable: build ``bitnet.nn.BitLinear`` layers with fp master weights (for fine-tuning)
+                instead of packed inference layers. For offline checkpoints the master weight is
+                ``W = Wq * weight_scale / p`` (p = fraction of non-zeros), whose absmean quantisation
+                gives back exactly ``Wq`` and ``weight_scale``.
+        """
+        folder = _resolve(path_or_id, **hub_kwargs)
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        qc = raw.get("quantization_config") or {}
+        if qc and qc.get("quant_method") != "bitnet":
+            raise ValueError(f"quantization_config.quant_method must be 'bitnet', got {qc.get('quant_method')!r}")
+        mode = qc.get("quantization_mode", "offline") if qc else "online"
+        if mode not in ("offline", "online"):
+            raise ValueError(f"quantization_mode must be 'offline' or 'online', got {mode!r}")
+        config = llama_config_from_bitnet(raw)
+        with torch.device("meta"):
+            model = cls(config, trainable=trainable)
+        state = read_safetensors_folder(folder)
+        model.load_state_dict(model._from_official(state, mode, dtype), strict=True, assign=True)
+        model.model.rotary_emb = LlamaRotaryEmbedding(config)          # non-persistent buffers left on meta
+        if config.tie_word_embeddings or "lm_head.weight" not in state:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.bitnet_config = raw
+        model.eval()
+        return model
+
+    def _from_official(self, state: dict, mode: str, dtype) -> dict:
+        out = {}
+        for key, t in state.items():
+            for official, ours in SUB_NORMS.items():
+                key = key.replace(official, ours)
+            proj = re.search(r"\.(%s)\.(weight|weight_scale)$" % "|".join(PROJ_NAMES), key)
+            if proj is None:
+                out[key] = t.to(dtype)
+                continue
+            if proj.group(2) == "weight_scale":
+                continue
+            prefix = key[: -len(".weight")]
+            if mode == "offline":
+                values = unpack_hf_bitnet(t, torch.int8)                    # (out, in) ternary
+                scale = state[prefix + ".weight_scale"].float().reshape(())
+            else:
+                w = t.float()                                               # absmean ternary (2402.17764)
+                scale = w.abs().mean()
+                values = (w / (scale + 1e-5)).round().clamp(-1, 1).to(torch.int8)
+            if self.trainable:
+                if mode == "online":
+                    out[prefix + ".weight"] = t.to(dtype)
+                else:
+                    p = values.float().abs().mean().clamp(min=1.0 / values.numel())
+                    out[prefix + ".weight"] = (values.float() * (scale / p)).to(dtype)
+            else:
+                out[prefix + ".w_packed"] = pack_i2(values)
+                out[prefix + ".w_scale"] = scale
+        if "lm_head.weight" not in out:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out
+
+    # ---------------------------------------------------------------- saving
+    def official_state_dict(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """State dict in the offline official layout (uint8 HF-packed weights, ``weight_scale`` [1])."""
+        out = {}
+        for name, module in self.named_modules():
+            if isinstance(module, (HFPackedBitLinear, BitLinear)):
+                if isinstance(module, HFPackedBitLinear):
+                    values, scale = module.ternary_weight(), module.w_scale
+                else:
+                    values, scale = module.quantized_weight()
+                out[name + ".weight"] = pack_hf_bitnet(values.to(torch.int8)).contiguous()
+                out[name + ".weight_scale"] = scale.detach().reshape(1).to(dtype)
+        skip = (".w_packed", ".w_scale")
+        for key, t in self.state_dict().items():
+            if key.endswith(skip) or key == "lm_head.weight" or re.search(r"_proj\.(weight|bias)$", key):
+                continue
+            for official, ours in SUB_NORMS.items():
+                key = key.replace(ours, official)
+            out[key] = t.detach().to(dtype).contiguous()
+        return out
+
+    def save_pretrained(self, save_directory, max_shard_size: int | None = None,
+                        dtype: torch.dtype = torch.bfloat16, **_ignored) -> None:
+        """Write config.json and safetensors (sharded with an index when ``max_shard_size`` bytes is given)."""
+        os.makedirs(save_directory, exist_ok=True)
+        raw = dict(getattr(self, "bitnet_config", None) or self.config.to_dict())
+        raw.update(model_type="bitnet", architectures=["BitNetForCausalLM"], quantization_config=dict(QUANT_CONFIG),
+                   tie_word_embeddings=True, hidden_act=self.config.hidden_act,
+                   torch_dtype=str(dtype).replace("torch.", ""))
+        raw.pop("auto_map", None)
+        with open(os.path.join(save_directory, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2, sort_keys=True)
+        state = self.official_state_dict(dtype)
+        meta = {"format": "pt"}
+        if not max_shard_size:
+            save_file(state, os.path.join(save_directory, "model.safetensors"), metadata=meta)
+            return
+        shards, current, size = [], {}, 0
+        for key, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_size:
+                shards.append(current)
+                current, size = {}, 0
+            current[key], size = t, size + nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(save_directory, fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(save_directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+
+
+__all__ = ["BitNetForCausalLM", "HFPackedBitLinear", "llama_config_from_bitnet", "read_safetensors_folder"]

@@ -29,3 +29,12 @@ def __getattr__(name):
     if name in _hf.LAZY_EXPORTS:
         return getattr(_hf, name)
     raise AttributeError(f"module 'bitnet' has no attribute {name!r}")
+
+# Checkpoints, tokenizer, generation and training (``bitnet.train.train`` / ``bitnet.generate.generate``
+# stay in their subpackages: exporting them here would shadow the subpackage names).
+from .generate import BitNetInference  # noqa: E402
+from .io import load_model, save_checkpoint  # noqa: E402
+from .tokenizer import ByteTokenizer  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+
+__all__ += ["BitNetInference", "ByteTokenizer", "TrainConfig", "load_model", "save_checkpoint"]

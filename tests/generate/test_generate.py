@@ -89,3 +89,14 @@ def test_pack_option_is_explicit(model, monkeypatch):
     monkeypatch.setattr(bitnet, "pack", lambda m: calls.append(m) or m, raising=False)
     inf = BitNetInference(model, device="cpu", pack=True)
     assert calls == [model] and inf.model is model
+
+
+def test_packed_inference_matches_training_form(model):
+    if not hasattr(bitnet, "pack"):
+        pytest.skip("this build has no bitnet.pack")
+    import copy
+
+    inf = BitNetInference(copy.deepcopy(model), device="cpu", pack=True)
+    assert any(type(m).__name__ == "PackedBitLinear" for m in inf.model.modules())
+    prompt = list(b"The dog ")
+    assert generate(inf.model, prompt, 12, temperature=0) == generate(model, prompt, 12, temperature=0)

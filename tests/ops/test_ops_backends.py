@@ -225,3 +225,19 @@ def test_bad_inputs():
         ops.bitlinear_packed(torch.randn(2, 100), wp, ws, 100, bits=9)
     with pytest.raises(ValueError, match="on meta"):
         ops.ternary_matmul_int(x_q.to("meta"), wp, 100)
+
+
+def test_eager_fast_path_equals_dispatched_op():
+    # plain eager calls skip the dispatcher; the registered op must give the same result
+    k, n = 300, 20
+    x = torch.randn(4, k)
+    _, wp, _ = make(1, k, n, seed=12)
+    ws, bias = torch.tensor(0.1), torch.randn(n)
+    assert torch.equal(ops.bitlinear_packed(x, wp, ws, k, bias), torch.ops.bitnet.bitlinear_packed(x, wp, ws, k, bias, 8))
+    x_q, s = activation_quant_int8(x)
+    assert torch.equal(ops.ternary_linear(x_q, s, wp, ws, k, bias), torch.ops.bitnet.ternary_linear(x_q, s, wp, ws, k, bias))
+    assert torch.equal(ops.ternary_matmul_int(x_q, wp, k), torch.ops.bitnet.ternary_matmul_int(x_q, wp, k))
+    # inputs that need a gradient go through the op (which has no autograd formula: inference only)
+    y = ops.bitlinear_packed(x.requires_grad_(), wp, ws, k)
+    with pytest.raises(RuntimeError, match="autograd"):
+        y.sum().backward()

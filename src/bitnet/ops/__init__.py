@@ -161,8 +161,7 @@ def _check_scales(m, n, device, x_scale, w_scale, bias):
 # ------------------------------------------------------------------------------------------------
 # Declared ops. The bodies dispatch on the backend of the tensors' device.
 
-@torch.library.custom_op("bitnet::ternary_matmul_int", mutates_args=())
-def _op_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+def _impl_matmul_int(x_q, w_packed, in_features):
     b = backend(x_q.device)
     if b == "cpu":
         return _cpu.matmul_int(x_q, w_packed, in_features)
@@ -171,15 +170,18 @@ def _op_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) 
     return _ref.matmul_int(x_q, w_packed, in_features)
 
 
+@torch.library.custom_op("bitnet::ternary_matmul_int", mutates_args=())
+def _op_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    return _impl_matmul_int(x_q, w_packed, in_features)
+
+
 @_op_matmul_int.register_fake
 def _(x_q, w_packed, in_features):
     _check_matmul_args(x_q, w_packed, in_features)
     return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
 
 
-@torch.library.custom_op("bitnet::ternary_linear", mutates_args=())
-def _op_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-               in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _impl_linear(x_q, x_scale, w_packed, w_scale, in_features, bias):
     b = backend(x_q.device)
     if b == "cpu":
         return _cpu.linear(x_q, x_scale, w_packed, float(w_scale), in_features, bias)
@@ -189,6 +191,12 @@ def _op_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
     return _ref.linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
 
 
+@torch.library.custom_op("bitnet::ternary_linear", mutates_args=())
+def _op_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+               in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _impl_linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
+
+
 @_op_linear.register_fake
 def _(x_q, x_scale, w_packed, w_scale, in_features, bias):
     _check_matmul_args(x_q, w_packed, in_features)
@@ -196,9 +204,7 @@ def _(x_q, x_scale, w_packed, w_scale, in_features, bias):
     return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("bitnet::bitlinear_packed", mutates_args=())
-def _op_bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
-                  bias: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+def _impl_bitlinear(x, w_packed, w_scale, in_features, bias, bits):
     b = backend(x.device)
     if b == "cpu":
         return _cpu.bitlinear(x, w_packed, float(w_scale), in_features, bias, bits)
@@ -207,6 +213,12 @@ def _op_bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         x_q, x_scale = tb.triton_quantize_activations(x, bits)
         return tb.triton_ternary_linear(x_q, x_scale, w_packed, w_scale.to(torch.float32), in_features, bias)
     return _ref.bitlinear(x, w_packed, w_scale, in_features, bias, bits)
+
+
+@torch.library.custom_op("bitnet::bitlinear_packed", mutates_args=())
+def _op_bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
+                  bias: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+    return _impl_bitlinear(x, w_packed, w_scale, in_features, bias, bits)
 
 
 @_op_bitlinear.register_fake
@@ -228,6 +240,21 @@ def _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits):
 # ------------------------------------------------------------------------------------------------
 # Public functions: validate, flatten leading dims, call the op.
 
+_is_compiling = torch.compiler.is_compiling
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when the op may be run directly, skipping the dispatcher (~40 us per call, which matters at
+    decode time): eager mode, plain tensors that need no gradient, no torch function / dispatch mode.
+    Anything else (torch.compile, export, fake or meta tensors, subclasses, modes) goes through the op."""
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or t.requires_grad or t.is_meta):
+            return False
+    return not (_is_compiling() or _function_mode_on() or _dispatch_stack_len())
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -244,9 +271,10 @@ def ternary_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: i
     """
     if isinstance(x_q, torch.Tensor) and x_q.dim() > 2:
         _check_matmul_args(_flat(x_q), w_packed, in_features)
-        return _op_matmul_int(_flat(x_q), w_packed, in_features).reshape(*x_q.shape[:-1], w_packed.shape[0])
+        return ternary_matmul_int(_flat(x_q), w_packed, in_features).reshape(*x_q.shape[:-1], w_packed.shape[0])
     _check_matmul_args(x_q, w_packed, in_features)
-    return _op_matmul_int(x_q, w_packed, in_features)
+    op = _impl_matmul_int if _plain_eager(x_q, w_packed) else _op_matmul_int
+    return op(x_q, w_packed, in_features)
 
 
 def ternary_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -269,7 +297,8 @@ def ternary_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Ten
     _check_scales(x_q.shape[0], w_packed.shape[0], x_q.device, x_scale, w_scale, bias)
     if x_scale.dim() == 1:
         x_scale = x_scale.reshape(-1, 1)
-    y = _op_linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
+    op = _impl_linear if _plain_eager(x_q, x_scale, w_packed, w_scale, bias) else _op_linear
+    y = op(x_q, x_scale, w_packed, w_scale, in_features, bias)
     return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
 
 
@@ -288,7 +317,8 @@ def bitlinear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
     if isinstance(x, torch.Tensor) and x.dim() > 2:
         x = _flat(x)
     _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits)
-    y = _op_bitlinear(x, w_packed, w_scale, in_features, bias, bits)
+    op = _impl_bitlinear if _plain_eager(x, w_packed, w_scale, bias) else _op_bitlinear
+    y = op(x, w_packed, w_scale, in_features, bias, bits)
     return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
 
 

@@ -188,7 +188,8 @@ def matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int, isa:
     """int32 (M, N) = x_q (M, K) int8 @ W^T, W in I2 layout (N, Kp/4)."""
     lib = _need()
     x_q, ldx = _rows(x_q)
-    w_packed = w_packed.contiguous()
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
     m, n = x_q.shape[0], w_packed.shape[0]
     out = torch.empty((m, n), dtype=torch.int32)
     rc = lib.bitnet_matmul_int(x_q.data_ptr(), m, in_features, ldx, w_packed.data_ptr(), n,
@@ -202,9 +203,11 @@ def linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_s
     """float32 (M, N) = (x_q @ W^T) * w_scale / x_scale (+ bias)."""
     lib = _need()
     x_q, ldx = _rows(x_q)
-    x_scale = x_scale.reshape(-1).to(torch.float32).contiguous()
-    w_packed = w_packed.contiguous()
-    if bias is not None:
+    if x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
+        x_scale = x_scale.to(torch.float32).contiguous()
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     m, n = x_q.shape[0], w_packed.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
@@ -220,7 +223,7 @@ def quantize_act(x: torch.Tensor, bits: int = 8, eps: float = 1e-5, isa: Optiona
     Returns (xq int8 (M, K), s float32 (M, 1)).
     """
     lib = _need()
-    x, ldx = _rows(x.to(torch.float32))
+    x, ldx = _rows(x if x.dtype == torch.float32 else x.float())
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.int8)
     s = torch.empty((m, 1), dtype=torch.float32)
@@ -234,9 +237,10 @@ def bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_featur
               bias: Optional[torch.Tensor], bits: int = 8, eps: float = 1e-5, isa: Optional[str] = None) -> torch.Tensor:
     """Fused per-token int8 quantisation of x (M, K) + ternary linear: float32 (M, N)."""
     lib = _need()
-    x, ldx = _rows(x.to(torch.float32))
-    w_packed = w_packed.contiguous()
-    if bias is not None:
+    x, ldx = _rows(x if x.dtype == torch.float32 else x.float())
+    if not w_packed.is_contiguous():
+        w_packed = w_packed.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     m, n = x.shape[0], w_packed.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)

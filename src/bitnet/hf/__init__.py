@@ -14,6 +14,7 @@ LAZY_EXPORTS = {
     "BitLlamaConfig": ".configuration_bitllama",
     "BitLlamaForCausalLM": ".bitllama",
     "BitNetForCausalLM": ".bitnet_official",
+    "QuantWarmupCallback": ".callbacks",
 }
 
 

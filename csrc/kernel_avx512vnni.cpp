@@ -13,6 +13,12 @@
 
 #include "kernels.h"
 
+#if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
+#define BITNET_QUANT_FNS absmax_scalar, quant_scalar
+#else                        // AVX-512 / AVX-VNNI CPUs all have AVX2: reuse its quantiser
+#define BITNET_QUANT_FNS absmax_avx2_shared, quant_avx2_shared
+#endif
+
 namespace bitnet {
 float absmax_avx2_shared(const float* x, int64_t K);
 void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
@@ -85,6 +91,6 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int6
 
 }  // namespace
 
-Kernel kernel_avx512vnni() { return Kernel{gemm_avx512vnni, absmax_avx2_shared, quant_avx2_shared, 1}; }
+Kernel kernel_avx512vnni() { return Kernel{gemm_avx512vnni, BITNET_QUANT_FNS, 1}; }
 
 }  // namespace bitnet

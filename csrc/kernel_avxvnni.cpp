@@ -5,6 +5,12 @@
 
 #include "kernels.h"
 
+#if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
+#define BITNET_QUANT_FNS absmax_scalar, quant_scalar
+#else                        // AVX-512 / AVX-VNNI CPUs all have AVX2: reuse its quantiser
+#define BITNET_QUANT_FNS absmax_avx2_shared, quant_avx2_shared
+#endif
+
 namespace bitnet {
 namespace {
 
@@ -74,6 +80,6 @@ void gemm_avxvnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t
 float absmax_avx2_shared(const float* x, int64_t K);
 void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
 
-Kernel kernel_avxvnni() { return Kernel{gemm_avxvnni, absmax_avx2_shared, quant_avx2_shared, 0}; }
+Kernel kernel_avxvnni() { return Kernel{gemm_avxvnni, BITNET_QUANT_FNS, 0}; }
 
 }  // namespace bitnet

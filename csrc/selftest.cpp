@@ -36,6 +36,22 @@ static int check(std::mt19937& rng, int M, int K, int N) {
       }
       if (acc != ref[(size_t)m * N + n]) { std::printf("scalar mismatch M=%d K=%d N=%d\n", M, K, N); return 1; }
     }
+  // fused quantise + matmul: every ISA gives the scalar result bit for bit
+  std::vector<float> xf((size_t)M * K), yref((size_t)M * N), y((size_t)M * N), bias(N);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  for (auto& v : xf) v = nd(rng);
+  for (auto& v : bias) v = nd(rng);
+  if (bitnet_bitlinear(xf.data(), M, K, K, 8, 1e-5f, w.data(), N, Kp / 4, 0.3f, bias.data(), yref.data(), N,
+                       BITNET_ISA_SCALAR)) return 1;
+  for (int isa = 0; isa < BITNET_ISA_COUNT; ++isa) {
+    if (!bitnet_isa_supported(isa)) continue;
+    if (bitnet_bitlinear(xf.data(), M, K, K, 8, 1e-5f, w.data(), N, Kp / 4, 0.3f, bias.data(), y.data(), N, isa))
+      return 1;
+    if (std::memcmp(y.data(), yref.data(), y.size() * 4)) {
+      std::printf("%s bitlinear mismatch M=%d K=%d N=%d\n", bitnet_isa_name(isa), M, K, N);
+      return 1;
+    }
+  }
   for (int isa = 0; isa < BITNET_ISA_COUNT; ++isa) {
     if (!bitnet_isa_supported(isa)) continue;
     std::fill(out.begin(), out.end(), 0x7f7f7f7f);

@@ -4,7 +4,11 @@ activation quantiser bit for bit against activation_quant_int8, threads, and ISA
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +130,7 @@ def test_concurrent_callers():
 
 
 def test_isa_selection(monkeypatch):
-    assert native.default_isa() == ISAS[-1] or "BITNET_ISA" in __import__("os").environ
+    assert native.default_isa() == ISAS[-1] or "BITNET_ISA" in os.environ
     with pytest.raises(ValueError, match="isa must be one of"):
         native.matmul_int(*make(1, 4, 4), 4, isa="sse9")
     unsupported = [i for i in native.ISAS if i not in ISAS]
@@ -147,3 +151,13 @@ def test_isa_selection(monkeypatch):
         native.set_default_isa(None)
         importlib.reload(ops)
     assert ops.native_info()["isa"] == ISAS[-1]
+
+
+@pytest.mark.skipif(os.environ.get("BITNET_TEST_EMU") != "1" or shutil.which("g++") is None,
+                    reason="opt-in (BITNET_TEST_EMU=1, ~30 s): needs g++")
+def test_vnni_kernels_under_intrinsic_emulation(tmp_path):
+    # The AVX-VNNI / AVX-512 VNNI kernels compiled against a scalar emulation of their intrinsics
+    # (csrc/emu/immintrin.h) must match the scalar kernel: checks their logic on any x86-64 CPU.
+    script = Path(__file__).resolve().parents[2] / "csrc" / "emu" / "build_emu_selftest.sh"
+    r = subprocess.run(["sh", str(script), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "all ISAs match" in r.stdout, r.stdout + r.stderr

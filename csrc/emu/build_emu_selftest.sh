@@ -1,0 +1,14 @@
+#!/bin/sh
+# Builds and runs the kernel self-test with the AVX-VNNI and AVX-512 VNNI kernels compiled against
+# the scalar intrinsic emulation in this folder (checks their logic on any x86-64 CPU).
+# Usage: sh csrc/emu/build_emu_selftest.sh [build-dir]
+set -e
+here=$(cd "$(dirname "$0")" && pwd); src="$here/.."; out=${1:-/tmp/bitnet_emu}
+mkdir -p "$out"
+F="-O1 -std=c++17 -ffp-contract=off -I$src -DBITNET_EMULATE -DBITNET_HAVE_AVXVNNI -DBITNET_HAVE_AVX512VNNI"
+for f in kernel_avxvnni kernel_avx512vnni; do ${CXX:-g++} $F -I"$here" -c "$src/$f.cpp" -o "$out/$f.o"; done
+${CXX:-g++} $F -c "$src/kernel_scalar.cpp" -o "$out/kernel_scalar.o"
+${CXX:-g++} $F -c "$src/threadpool.cpp" -o "$out/threadpool.o"
+${CXX:-g++} $F -c "$src/api.cpp" -o "$out/api.o"
+${CXX:-g++} $F "$src/selftest.cpp" "$out"/*.o -o "$out/selftest" -lpthread
+"$out/selftest"

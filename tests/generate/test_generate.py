@@ -52,6 +52,19 @@ def test_stops_at_stop_token_and_max_seq_len(model):
     assert len(list(stream)) == 5 and stream.finish_reason == "length"
 
 
+def test_context_shift_continues_past_max_seq_len(model):
+    prompt = list(range(30))
+    cached = stream_generate(model, prompt, 60, temperature=0, context_overflow="shift")
+    out = list(cached)
+    assert len(out) == 60 and cached.finish_reason == "length"              # 30 + 60 > max_seq_len 48
+    assert out == generate(model, prompt, 60, temperature=0, context_overflow="shift", use_cache=False)
+    assert out[:18] == generate(model, prompt, 18, temperature=0)           # identical until the first shift
+    long_prompt = list(range(100))                                         # longer than the context
+    assert len(generate(model, long_prompt, 5, temperature=0, context_overflow="shift")) == 5
+    with pytest.raises(ValueError, match="context_overflow"):
+        generate(model, prompt, 5, context_overflow="wrap")
+
+
 def test_prompt_errors(model):
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, [], 5)
@@ -75,8 +88,11 @@ def test_bitnet_inference_load_and_generate(model, tmp_path):
     assert text == ByteTokenizer().decode(generate(model, list(b"The dog jumped over the "), 20, temperature=0))
     assert inf.generate("The dog jumped over the ", 20, temperature=0, include_prompt=True).startswith("The dog")
     assert "".join(inf.stream("The dog jumped over the ", 20, temperature=0)) == text
-    assert inf.generate("hi", 500, seed=1) == inf.generate("hi", 500, seed=1)
+    assert inf.generate("hi", 100, seed=1, context_overflow="stop") == \
+        inf.generate("hi", 100, seed=1, context_overflow="stop")
     assert inf.finish_reason == "max_seq_len"
+    assert len(inf.generate("hi", 100, temperature=0).encode("utf-8")) >= 90    # default: sliding window
+    assert inf.finish_reason == "length"
     with pytest.raises(ValueError, match="prompt"):
         inf.generate("", 10)
 

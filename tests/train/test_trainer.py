@@ -56,3 +56,11 @@ def test_other_weight_kinds_and_errors(tmp_path, text_file, weights):
     assert load_model(tmp_path / weights).config["weights"] == weights and res["final_val_loss"] is not None
     with pytest.raises(ValueError, match="batch_size"):
         train(TrainConfig(data=str(text_file), out=str(tmp_path / "x"), **{**TINY, "batch_size": 0}))
+
+
+def test_max_time_stops_with_a_final_eval_and_checkpoint(tmp_path, text_file):
+    res = train(TrainConfig(data=str(text_file), out=str(tmp_path / "t"), max_time=0.0, **TINY))
+    assert res["steps"] == 1 and res["stopped"] == "max_time"
+    rows = list(csv.DictReader(open(tmp_path / "t" / "log.csv")))
+    assert rows[-1]["step"] == "1" and rows[-1]["val_loss"] != ""
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["train_state"]["step"] == 1

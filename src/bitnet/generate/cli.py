@@ -17,6 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--context-overflow", choices=("shift", "stop"), default="shift",
+                   help="at the model's max_seq_len: slide the window (default) or stop")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--pack", action="store_true", help="pack BitLinear weights to 2 bits (bitnet.pack)")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_echo:
         sys.stdout.write(prompt)
     for piece in inf.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed):
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            context_overflow=args.context_overflow):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

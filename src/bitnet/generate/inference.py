@@ -31,16 +31,19 @@ class BitNetInference:
             loading. Raises RuntimeError if this installation has no ``bitnet.pack``.
         temperature, top_k, top_p, repetition_penalty: default sampling settings of
             :meth:`generate` / :meth:`stream` (each call may override them).
+        context_overflow: ``"shift"`` (default: a sliding window lets the text outgrow the model's
+            ``max_seq_len``) or ``"stop"`` (end at ``max_seq_len``); see
+            :data:`bitnet.generate.loop.CONTEXT_OVERFLOW`. Per call overridable too.
     """
 
     def __init__(self, model: nn.Module | None = None, tokenizer=None, device=None, pack: bool = False,
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
-                 repetition_penalty: float = 1.0):
+                 repetition_penalty: float = 1.0, context_overflow: str = "shift"):
         self.device = resolve_device(device)
         self.tokenizer = tokenizer
         self.pack = pack
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty)
+                             repetition_penalty=repetition_penalty, context_overflow=context_overflow)
         self.finish_reason: str | None = None
         self._model = None
         if model is not None:
@@ -119,8 +122,9 @@ class BitNetInference:
 
         ``max_new_tokens`` (the second positional argument, as ``generate("The dog ...", 512)`` of the
         older package) bounds the number of new tokens — bytes for the byte tokenizer; generation also
-        ends at the model's ``max_seq_len`` or a stop token (see ``self.finish_reason``).
-        Sampling keywords: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``.
+        ends at a stop token, or at the model's ``max_seq_len`` with ``context_overflow="stop"``
+        (see ``self.finish_reason``). Keywords: ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``context_overflow``.
         """
         text = "".join(self.stream(prompt, max_new_tokens, stop=stop, seed=seed, **sampling))
         return prompt + text if include_prompt else text

@@ -18,6 +18,12 @@ FINISH_REASONS = ("length", "stop", "max_seq_len")
 """``length``: max_new_tokens reached; ``stop``: a stop token was sampled (not returned);
 ``max_seq_len``: prompt + generated tokens filled the model's context."""
 
+CONTEXT_OVERFLOW = ("stop", "shift")
+"""What happens when prompt + output reach ``model.max_seq_len``: ``"stop"`` ends generation
+(finish_reason ``max_seq_len``); ``"shift"`` keeps going on a sliding window: the last
+``max_seq_len // 2`` tokens are re-encoded at positions 0.. into fresh caches (llama.cpp's context
+shift), so text can be longer than the context the model was trained on."""
+
 
 def model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
@@ -87,43 +93,52 @@ def stream_generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    context_overflow: str = "stop",
 ) -> TokenStream:
     """Lazily generate up to ``max_new_tokens`` ids after ``prompt_ids`` (one sequence); see :func:`generate`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if context_overflow not in CONTEXT_OVERFLOW:
+        raise ValueError(f"context_overflow must be one of {CONTEXT_OVERFLOW}, got {context_overflow!r}")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     device = model_device(model)
     max_seq_len = int(getattr(model, "max_seq_len"))
     prompt = _prompt_tensor(prompt_ids, getattr(model, "num_tokens", None), device)
-    if prompt.numel() >= max_seq_len:
+    shift = context_overflow == "shift"
+    if prompt.numel() >= max_seq_len and not shift:
         raise ValueError(
             f"prompt_ids has {prompt.numel()} tokens, leaving no room to generate within "
-            f"max_seq_len={max_seq_len}; shorten the prompt"
+            f"max_seq_len={max_seq_len}; shorten the prompt or pass context_overflow='shift'"
         )
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     stops = {int(t) for t in stop_tokens}
 
     n_prompt = prompt.numel()
-    budget = min(max_new_tokens, max_seq_len - n_prompt)
+    budget = max_new_tokens if shift else min(max_new_tokens, max_seq_len - n_prompt)
+    keep = max(1, max_seq_len // 2)                     # tokens kept in the window after a shift
     seq = torch.empty(n_prompt + budget, dtype=torch.int64, device=device)       # prompt + generated
     seq[:n_prompt] = prompt
-    state = {}
+    state = {"start": 0, "caches": None, "filled": 0}   # window start in seq; tokens in the caches
 
     # Each model call runs in its own inference_mode block: a block spanning a ``yield`` would leave
     # grad mode switched off in the caller's code between tokens.
     @torch.inference_mode()
     def next_token(pos: int) -> int:
-        if pos == n_prompt:                                                         # prefill
-            state["caches"] = model.new_caches(1, n_prompt + budget) if use_cache else None
-            logits = model(seq[None, :pos], caches=state["caches"], start_pos=0) if use_cache \
-                else model(seq[None, :pos])
-        elif use_cache:                                                             # one new position
-            logits = model(seq[None, pos - 1:pos], caches=state["caches"], start_pos=pos - 1)
+        """Sample the token at ``pos`` given seq[:pos]; the model sees the window seq[start:pos]."""
+        if pos - state["start"] > max_seq_len:          # window full: keep the last ``keep`` tokens
+            state["start"], state["caches"], state["filled"] = pos - keep, None, 0
+        start = state["start"]
+        if not use_cache:
+            logits = model(seq[None, start:pos])
         else:
-            logits = model(seq[None, :pos])
+            if state["caches"] is None:                 # prefill (the prompt, or the shifted window)
+                state["caches"] = model.new_caches(1, min(max_seq_len, n_prompt + budget - start))
+            filled = state["filled"]                    # seq[start:start+filled] are in the caches
+            logits = model(seq[None, start + filled:pos], caches=state["caches"], start_pos=filled)
+            state["filled"] = pos - start
         tok = sample_next_token(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
                                 previous=seq[None, :pos], generator=generator)     # logits (1, vocab)
         return int(tok)
@@ -131,6 +146,8 @@ def stream_generate(
     def run() -> Iterator[int]:
         if budget == 0:
             return "length" if max_new_tokens == 0 else "max_seq_len"
+        if n_prompt > max_seq_len:                      # shift mode: start from the prompt's tail
+            state["start"] = n_prompt - keep
         for i in range(budget):
             pos = n_prompt + i
             tok_id = next_token(pos)
@@ -157,6 +174,7 @@ def generate(
     generator: torch.Generator | None = None,
     callback: Callable[[int], None] | None = None,
     use_cache: bool = True,
+    context_overflow: str = "stop",
 ) -> list[int]:
     """Generate token ids after ``prompt_ids`` and return only the new ones (prompt not included).
 
@@ -169,11 +187,13 @@ def generate(
         top_k, top_p, repetition_penalty: see :mod:`bitnet.generate.sampling`.
         seed / generator: reproducible draws (a seed builds a ``torch.Generator`` on the model's device).
         callback: called with each new id as soon as it is sampled (streaming).
-        use_cache: prefill + KV cache (default); False recomputes the whole sequence every step.
+        use_cache: prefill + KV cache (default); False recomputes the whole window every step.
+        context_overflow: ``"stop"`` (default) or ``"shift"`` (sliding window), see :data:`CONTEXT_OVERFLOW`.
     """
     stream = stream_generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
-                             seed=seed, generator=generator, use_cache=use_cache)
+                             seed=seed, generator=generator, use_cache=use_cache,
+                             context_overflow=context_overflow)
     for tok in stream:
         if callback is not None:
             callback(tok)

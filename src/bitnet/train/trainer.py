@@ -319,13 +319,15 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps)
+            out_of_time = cfg.max_time is not None and train_time >= cfg.max_time and done < end
+            last = done == end or out_of_time                   # evaluate and log the last step of every call
+            is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or last)
             row_val = None
             if is_eval:
                 val_loss = row_val = evaluate(model, corpus.val, cfg, device, autocast)
                 say(f"step {done}: train loss {running / n_running:.4f}, val loss {val_loss:.4f}, "
                           f"{val_loss / math.log(2):.3f} bpb, {tps:,.0f} tok/s, lr {lr:.2e}")
-            if is_eval or done % cfg.log_every == 0 or done == end:
+            if is_eval or done % cfg.log_every == 0 or last:
                 log.write(step=done, lr=f"{lr:.6g}", train_loss=f"{running / n_running:.4f}",
                           val_loss=None if row_val is None else f"{row_val:.4f}",
                           val_bpb=None if row_val is None else f"{row_val / math.log(2):.4f}",
@@ -333,7 +335,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
                 running, n_running = 0.0, 0
             if cfg.save_every and done % cfg.save_every == 0 and done != end:
                 checkpoint(done)
-            if cfg.max_time is not None and train_time >= cfg.max_time and done < end:
+            if out_of_time:
                 stopped = "max_time"
                 step += 1
                 break

@@ -1,0 +1,362 @@
+"""Continuous batching: one background thread decodes every active request together.
+
+The engine owns a fixed number of *slots*, one row each of a batch KV cache
+(``model.new_caches(slots, context)``). A new request waits in a bounded queue until a slot is
+free, then its prompt is prefilled into that row alone (``[c.row(i) for c in caches]``). Every step
+then runs ONE forward over slots ``0..n-1`` (n = highest busy slot + 1) with one new token per row
+and per-row positions (a LongTensor ``start_pos`` of shape (n,)), and each row samples its next
+token with its own settings and its own ``torch.Generator``. Free rows inside ``0..n-1`` carry a
+dummy token at position 0; their cache row is overwritten by the next prefill. A finished or
+cancelled request frees its slot at the start of the next step.
+
+Results leave the engine through each request's ``emit`` callback (called from the engine thread):
+``("text", piece)`` for every piece of complete text, then exactly one ``("done", finish_reason)``
+(finish_reason ``"stop"`` or ``"length"``) or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..generate.loop import model_device
+from ..generate.sampling import check_sampling_args, sample_next_token
+from ..nn.attention import KVCache
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full; try again later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (validated by :meth:`check`)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()              # stop strings (not included in the output)
+    stop_token_ids: Sequence[int] = ()    # stop tokens (not included in the output)
+
+    def check(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt token ids, settings, and the callback that receives its events."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[tuple], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    # filled in by the engine
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    slot: int | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (client went away); the slot is freed at the start of the next step."""
+        self.cancelled = True
+
+
+class _Active:
+    """Engine-side state of a request that holds a slot."""
+
+    def __init__(self, req: Request, tokenizer, device):
+        self.req = req
+        self.pos = len(req.prompt_ids)                   # cache position of the next token to feed
+        self.last = None                                 # last sampled token (fed at the next step)
+        p = req.params
+        self.generator = None
+        if p.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(p.seed) if p.seed is not None else
+                                       int(torch.randint(0, 2**62, (1,)).item()))
+        self.history = list(req.prompt_ids)              # for the repetition penalty
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.pending = ""                                # text held back: may be the start of a stop string
+        self.stops = set(int(t) for t in p.stop_token_ids)
+        self.greedy = p.temperature == 0 and p.repetition_penalty == 1.0
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Engine:
+    """Continuous-batching generator around a BitNetTransformer-like model.
+
+    Args:
+        model: has ``new_caches(batch, max_len)``, ``max_seq_len`` and
+            ``forward(tokens, caches, start_pos)`` accepting per-row LongTensor positions.
+        tokenizer: ``encode``/``decode``/``stream_decoder`` (e.g. :class:`bitnet.tokenizer.ByteTokenizer`).
+        slots: sequences decoded together (rows of the batch KV cache).
+        max_queue: requests that may wait for a slot; more raise :class:`QueueFullError`.
+        context: tokens per sequence, prompt + output (default and maximum: ``model.max_seq_len``).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, slots: int = 8, max_queue: int = 64,
+                 context: int | None = None):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        max_seq_len = int(model.max_seq_len)
+        context = max_seq_len if context is None else context
+        if isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= max_seq_len:
+            raise ValueError(f"context must be an integer in [2, {max_seq_len}] (the model's max_seq_len), got {context!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.slots, self.max_queue, self.context = slots, max_queue, context
+        self.device = model_device(model)
+        self.caches = model.new_caches(slots, context)
+        self._views: dict[int, list[KVCache]] = {}
+        self._active: list[_Active | None] = [None] * slots
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0                                   # decode steps run (for tests and /health)
+        self.max_batch_seen = 0                          # most rows decoded together
+        self.finished = 0                                # requests that ended normally
+        self.cancelled = 0                               # requests cancelled while waiting or in a slot
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="bitnet-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the decode loop; waiting and active requests get an ``("error", ...)`` event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, req: Request) -> Request:
+        """Queue ``req``. Raises ValueError for bad settings or a prompt that does not fit the context,
+        :class:`QueueFullError` when ``max_queue`` requests are already waiting."""
+        req.params.check()
+        if not req.prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(req.prompt_ids) >= self.context:
+            raise ValueError(f"prompt has {len(req.prompt_ids)} tokens; the context holds {self.context} "
+                             "(prompt + at least one generated token)")
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("engine is stopped")
+            free = sum(a is None for a in self._active)
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFullError(f"server busy: {len(self._waiting)} requests are waiting "
+                                     f"(max_queue={self.max_queue}); retry later")
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"slots": self.slots, "active": sum(a is not None for a in self._active),
+                    "waiting": len(self._waiting), "max_queue": self.max_queue, "context": self.context,
+                    "steps": self.steps, "finished": self.finished, "cancelled": self.cancelled}
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _free_slot(self) -> int | None:
+        for i, a in enumerate(self._active):
+            if a is None:
+                return i
+        return None
+
+    def _view(self, n: int) -> list[KVCache]:
+        """Caches of batch ``n`` sharing rows ``0..n-1`` of the slot caches."""
+        if n not in self._views:
+            self._views[n] = [KVCache(n, c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k[:n], c.v[:n]))
+                              for c in self.caches]
+        return self._views[n]
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and all(a is None for a in self._active):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._release_cancelled()
+                    admitted = []
+                    while self._waiting and (slot := self._free_slot()) is not None:
+                        req = self._waiting.popleft()
+                        if req.cancelled:
+                            self.cancelled += 1
+                            continue
+                        req.slot = slot
+                        self._active[slot] = _Active(req, self.tokenizer, self.device)
+                        admitted.append(self._active[slot])
+                for a in admitted:
+                    self._guard(self._prefill, [a])
+                if any(a is not None and a.last is not None for a in self._active):
+                    self._guard(self._decode, [a for a in self._active if a is not None])
+        with self._cond:
+            for a in [a for a in self._active if a is not None]:
+                self._finish(a, None, error="server is shutting down")
+            while self._waiting:
+                self._waiting.popleft().emit(("error", "server is shutting down"))
+
+    def _guard(self, fn, group: list[_Active]) -> None:
+        try:
+            fn(group)
+        except Exception as e:  # a model error ends the requests involved, never the loop
+            with self._cond:
+                for a in group:
+                    if self._active[a.req.slot] is a:
+                        self._finish(a, None, error=f"{type(e).__name__}: {e}")
+
+    def _release_cancelled(self) -> None:
+        for a in self._active:
+            if a is not None and a.req.cancelled:
+                self._finish(a, None, error="cancelled")
+
+    def _finish(self, a: _Active, reason: str | None, error: str | None = None, flush: bool = True) -> None:
+        self._active[a.req.slot] = None
+        if error is not None:
+            self.cancelled += error == "cancelled"
+            a.req.emit(("error", error))
+            return
+        self.finished += 1
+        if flush:
+            tail = a.decoder.flush()
+            if tail or a.pending:
+                self._push_text(a, tail, final=True)
+        a.req.finish_reason = reason
+        a.req.emit(("done", reason))
+
+    def _prefill(self, group: list[_Active]) -> None:
+        a = group[0]
+        ids = torch.tensor([a.req.prompt_ids], dtype=torch.int64, device=self.device)       # (1, T)
+        logits = self.model(ids, [c.row(a.req.slot) for c in self.caches], 0)[:, -1]         # (1, V)
+        self._accept(a, self._sample(a, logits))
+
+    def _decode(self, group: list[_Active]) -> None:
+        live = [a for a in group if a.last is not None]
+        n = max(a.req.slot for a in live) + 1
+        tokens = torch.zeros(n, 1, dtype=torch.int64)                                        # (n, 1)
+        pos = torch.zeros(n, dtype=torch.int64)                                              # (n,)
+        for a in live:
+            tokens[a.req.slot, 0] = a.last
+            pos[a.req.slot] = a.pos
+        logits = self.model(tokens.to(self.device), self._view(n), pos.to(self.device))[:, -1]   # (n, V)
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(live))
+        greedy = [a for a in live if a.greedy]
+        if greedy:
+            best = logits.argmax(dim=-1).tolist()
+        for a in live:
+            a.pos += 1
+            tok = best[a.req.slot] if a.greedy else self._sample(a, logits[a.req.slot:a.req.slot + 1])
+            self._accept(a, tok)
+
+    def _sample(self, a: _Active, logits: torch.Tensor) -> int:
+        p = a.req.params
+        prev = None
+        if p.repetition_penalty != 1.0:
+            prev = torch.tensor([a.history], dtype=torch.int64, device=logits.device)
+        return int(sample_next_token(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty,
+                                     previous=prev, generator=a.generator))
+
+    def _accept(self, a: _Active, tok: int) -> None:
+        """Record token ``tok`` of request ``a``; finish it on a stop, its budget or a full context."""
+        req, p = a.req, a.req.params
+        with self._cond:
+            if self._active[req.slot] is not a:
+                return
+            if req.cancelled:
+                self._finish(a, None, error="cancelled")
+                return
+            if tok in a.stops:
+                self._finish(a, "stop")
+                return
+            req.output_ids.append(tok)
+            a.history.append(tok)
+            if self._push_text(a, a.decoder.feed(tok)):
+                self._finish(a, "stop", flush=False)
+                return
+            if len(req.output_ids) >= p.max_tokens or a.pos + 1 >= self.context:
+                self._finish(a, "length")
+                return
+            a.last = tok
+
+    def _push_text(self, a: _Active, piece: str, final: bool = False) -> bool:
+        """Emit ``piece`` unless it may start a stop string; True when a stop string completed."""
+        stops = a.req.params.stop
+        text = a.pending + piece
+        if stops:
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut:
+                    a.req.text += text[:cut]
+                    a.req.emit(("text", text[:cut]))
+                a.pending = ""
+                return True
+            keep = 0 if final else _hold_back(text, stops)
+        else:
+            keep = 0
+        out, a.pending = (text[:len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
+        if out:
+            a.req.text += out
+            a.req.emit(("text", out))
+        return False
+
+
+def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams, timeout: float = 120.0) -> Request:
+    """Submit one request and block until it finishes (for tests and scripts)."""
+    done = threading.Event()
+    events: list[tuple] = []
+
+    def emit(ev):
+        events.append(ev)
+        if ev[0] in ("done", "error"):
+            done.set()
+
+    req = engine.submit(Request(list(prompt_ids), params, emit))
+    if not done.wait(timeout):
+        req.cancel()
+        raise TimeoutError(f"request did not finish within {timeout} s")
+    if events[-1][0] == "error":
+        raise RuntimeError(events[-1][1])
+    return req
+
+
+__all__ = ["Engine", "QueueFullError", "Request", "SamplingParams", "collect"]

@@ -1,0 +1,66 @@
+"""Build a server from a checkpoint and run it: in the foreground (``bitnet serve``) or in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .engine import Engine
+
+
+def load_engine(model_path, *, slots: int = 8, max_queue: int = 64, context: int | None = None,
+                device=None, pack: bool = False) -> Engine:
+    """An :class:`Engine` (not started) around the checkpoint at ``model_path`` and its tokenizer."""
+    from ..generate import BitNetInference
+
+    inf = BitNetInference(device=device, pack=pack).load_model(model_path)
+    return Engine(inf.model, inf.tokenizer, slots=slots, max_queue=max_queue, context=context)
+
+
+def default_model_name(model_path) -> str:
+    p = Path(model_path)
+    return p.stem if p.suffix else p.name
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on ``host:port`` in a background thread (port 0 = a free port).
+
+    ``with ServerThread(app) as srv: srv.url`` -> ``"http://127.0.0.1:PORT"``.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="bitnet-uvicorn")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

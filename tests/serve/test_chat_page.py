@@ -1,0 +1,43 @@
+"""The chat page at ``/`` in a real browser: Debian's chromium driven by Playwright (skipped without them)."""
+
+import shutil
+
+import httpx
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
+
+
+def test_chat_page_streams_the_same_answer_as_the_api(server):
+    expected = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "max_tokens": 30,
+    }).json()["choices"][0]["message"]["content"]
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        except Exception as e:  # chromium present but unusable (e.g. missing libraries)
+            pytest.skip(f"chromium does not start: {e}")
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            assert page.title() == "bitnet chat"
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "30")
+            page.fill("#input", "Hello")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=30_000)
+            assert page.inner_text(".msg.user") == "You: Hello"
+            assert page.eval_on_selector(".msg.assistant", "e => e.textContent") == expected
+            assert page.get_attribute(".msg.assistant", "data-finish") in ("length", "stop")
+            assert page.inner_text("#status") == "ready"
+            # a second turn carries the history: the page sends both turns
+            page.fill("#input", "More")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='true']", timeout=30_000)
+            assert page.locator(".msg.user").count() == 2
+            assert page.locator(".msg.error").count() == 0
+        finally:
+            browser.close()

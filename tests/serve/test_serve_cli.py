@@ -1,0 +1,42 @@
+"""``bitnet serve`` as a real process: start, answer one request, shut down on SIGTERM."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bitnet_serve_command(model_dir):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--host", "127.0.0.1",
+                             "--port", str(port), "--slots", "2", "--threads", "1", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
+                time.sleep(0.2)
+        assert health["slots"] == 2 and health["model"] == "tiny-run"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "tiny-run", "prompt": "Hi", "max_tokens": 4, "temperature": 0}).json()
+        assert r["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

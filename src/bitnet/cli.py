@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = [
     "bitnet.train.cli",        # bitnet train
     "bitnet.generate.cli",     # bitnet generate
+    "bitnet.serve.cli",        # bitnet serve
 ]
 
 

@@ -65,3 +65,16 @@ def test_cli_registry_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--weights", "2"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_on_several_files(tmp_path, capsys):
+    torch.set_num_threads(1)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(f"file {i} says hello to the dog. " * 40)
+    assert main(["train", "--data", *map(str, files), "--out", str(tmp_path / "r"), "--steps", "1", "--dim", "16",
+                 "--depth", "1", "--heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1",
+                 "--no-progress", "--no-plot", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]["data"] == list(map(str, files))

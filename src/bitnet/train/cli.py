@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train a BitNet transformer on bytes",
                               description="Train a byte-level BitNetTransformer (paper recipe: AdamW (0.9, 0.95), "
                                           "warmup, two-stage LR / weight decay). Unset flags take TrainConfig defaults.")
-    p.add_argument("--data", help="'default' (embedded KJV Bible, else Python stdlib source), 'kjv', 'stdlib', "
+    p.add_argument("--data", nargs="+", help="'default' (embedded KJV Bible, else Python stdlib source), 'kjv', 'stdlib', "
                                   "an enwik8 file (.gz/.zip ok), a text file or a folder")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import TrainConfig, config_from_run, train
 
     given = {field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None}
+    if "data" in given:                                   # one spec, or several text files joined
+        given["data"] = given["data"][0] if len(given["data"]) == 1 else list(given["data"])
     if args.no_progress:
         given["progress"] = False
     if args.no_plot:

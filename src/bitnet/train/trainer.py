@@ -48,7 +48,7 @@ class TrainConfig:
     ``stage_split`` of the run, then a lower cosine-decayed LR without weight decay).
     """
 
-    data: str = "default"
+    data: str | list = "default"           # a spec (see bitnet.train.data) or a list of text files
     out: str | None = None                 # run folder; default runs/<timestamp>
     steps: int = 1000
     batch_size: int = 16

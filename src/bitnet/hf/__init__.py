@@ -15,6 +15,7 @@ LAZY_EXPORTS = {
     "BitLlamaForCausalLM": ".bitllama",
     "BitNetForCausalLM": ".bitnet_official",
     "QuantWarmupCallback": ".callbacks",
+    "train_bpe_tokenizer": ".tokenizer",
 }
 
 

@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     "bitnet.train.cli",        # bitnet train
     "bitnet.generate.cli",     # bitnet generate
     "bitnet.serve.cli",        # bitnet serve
+    "bitnet.chat",             # bitnet chat
 ]
 
 

@@ -187,7 +187,8 @@ def save_checkpoint(
 
 # --------------------------------------------------------------------------------------------- optimizer
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_optimizer(optimizer: torch.optim.Optimizer, path,
+                   extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Optimizer state as safetensors: tensors ``state.<i>.<name>``, the rest as JSON metadata."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}

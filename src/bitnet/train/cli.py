@@ -21,11 +21,13 @@ _FIELDS = {
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="train a BitNet transformer on bytes",
-                              description="Train a byte-level BitNetTransformer (paper recipe: AdamW (0.9, 0.95), "
-                                          "warmup, two-stage LR / weight decay). Unset flags take TrainConfig defaults.")
-    p.add_argument("--data", nargs="+", help="'default' (embedded KJV Bible, else Python stdlib source), 'kjv', 'stdlib', "
-                                  "an enwik8 file (.gz/.zip ok), a text file or a folder")
+    p = subparsers.add_parser(
+        "train", help="train a BitNet transformer on bytes",
+        description="Train a byte-level BitNetTransformer (paper recipe: AdamW (0.9, 0.95), warmup, two-stage "
+                    "LR / weight decay). Unset flags take TrainConfig defaults.")
+    p.add_argument("--data", nargs="+",
+                   help="'default' (embedded KJV Bible, else Python stdlib source), 'kjv', 'stdlib', "
+                        "an enwik8 file (.gz/.zip ok), text file(s) or a folder")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     p.add_argument("--weights", choices=WEIGHTS_CHOICES, help="1.58 ternary (default), 1 binary, fp baseline")

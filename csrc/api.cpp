@@ -74,7 +74,7 @@ Features detect() {
   f.isa[BITNET_ISA_NEON] = true;
 #endif
 #if defined(BITNET_EMULATE)  // kernels built against the scalar intrinsic emulation (csrc/emu): test only
-  f.isa[BITNET_ISA_AVXVNNI] = f.isa[BITNET_ISA_AVX512VNNI] = true;  // Advanced SIMD is mandatory on AArch64
+  f.isa[BITNET_ISA_AVXVNNI] = f.isa[BITNET_ISA_AVX512VNNI] = f.isa[BITNET_ISA_NEON] = true;  // Advanced SIMD is mandatory on AArch64
 #endif
   return f;
 }

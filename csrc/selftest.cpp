@@ -81,20 +81,21 @@ int main(int argc, char** argv) {
   if (argc > 4) bitnet_set_num_threads(std::atoi(argv[4]));
   if (argc > 1) {  // timing: selftest N K iters
     const int N = std::atoi(argv[1]), K = argc > 2 ? std::atoi(argv[2]) : 2560, it = argc > 3 ? std::atoi(argv[3]) : 200;
-    std::vector<int8_t> x(K, 3);
+    const int M = argc > 5 ? std::atoi(argv[5]) : 1;
+    std::vector<int8_t> x((size_t)M * K, 3);
     std::vector<uint8_t> w((size_t)N * ((K + 127) / 128 * 32), 0x99);
-    std::vector<int32_t> out(N);
+    std::vector<int32_t> out((size_t)M * N);
     for (int isa = 0; isa < BITNET_ISA_COUNT; ++isa) {
       if (!bitnet_isa_supported(isa)) continue;
-      for (int i = 0; i < 10; ++i) bitnet_matmul_int(x.data(), 1, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
+      for (int i = 0; i < 2; ++i) bitnet_matmul_int(x.data(), M, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
       double us = 1e30;  // best of `it` calls (the machine may be shared)
       for (int i = 0; i < it; ++i) {
         auto t0 = std::chrono::steady_clock::now();
-        bitnet_matmul_int(x.data(), 1, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
+        bitnet_matmul_int(x.data(), M, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
         us = std::min(us, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
       }
-      std::printf("%-10s GEMV %dx%d: %8.1f us  %6.1f GB/s (threads %d)\n", bitnet_isa_name(isa), N, K, us,
-                  w.size() / us / 1e3, bitnet_get_num_threads());
+      std::printf("%-10s M=%d %dx%d: %9.1f us  %6.1f GB/s of weights  %6.1f Gop/s (threads %d)\n", bitnet_isa_name(isa),
+                  M, N, K, us, w.size() / us / 1e3, 2.0 * M * N * K / us / 1e3, bitnet_get_num_threads());
     }
   }
   return fails ? 1 : 0;

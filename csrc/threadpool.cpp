@@ -27,36 +27,45 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::drain() {
+// Claims and runs tasks of generation `gen` until none is left (or a newer generation started).
+void ThreadPool::drain(uint32_t gen) {
+  uint64_t cur = work_.load(std::memory_order_acquire);
   for (;;) {
-    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-    if (t >= ntasks_) break;
-    (*fn_)(t);
+    if ((uint32_t)(cur >> 32) != gen) return;
+    const int64_t idx = (int64_t)(cur & 0xffffffffu);
+    if (idx >= ntasks_.load(std::memory_order_acquire)) return;
+    if (!work_.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    // The caller cannot return (and change fn_) before this claimed task is counted as done.
+    (*fn_.load(std::memory_order_acquire))(idx);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+    cur = work_.load(std::memory_order_acquire);
   }
 }
 
 void ThreadPool::worker_loop() {
-  // Generation 0 is the state at construction; reading gen_ here instead would race with a first
-  // try_run() that starts before this thread does (and then wait for a generation that never comes).
-  uint64_t seen = 0;
+  uint32_t seen = 0;  // generation 0: the state at construction
+  auto gen_now = [this] { return (uint32_t)(work_.load(std::memory_order_acquire) >> 32); };
   for (;;) {
-    // Spin a little: the next call usually comes right away during decoding.
+    // Spin a little: during decoding the next call comes right away. Yield now and then so that a
+    // busy machine's other threads (or the caller itself, on one core) are not starved.
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
     int iter = 0;
-    while (gen_.load(std::memory_order_acquire) == seen) {
+    while (gen_now() == seen) {
       BITNET_PAUSE();
-      if ((++iter & 255) == 0 && std::chrono::steady_clock::now() > until) break;
+      if ((++iter & 255) == 0) {
+        if (std::chrono::steady_clock::now() > until) break;
+        std::this_thread::yield();
+      }
     }
-    if (gen_.load(std::memory_order_acquire) == seen) {
+    if (gen_now() == seen) {
       std::unique_lock<std::mutex> lk(mu_);
       ++sleepers_;
-      cv_.wait(lk, [&] { return stop_ || gen_.load(std::memory_order_acquire) != seen; });
+      cv_.wait(lk, [&] { return stop_ || gen_now() != seen; });
       --sleepers_;
       if (stop_) return;
     }
-    seen = gen_.load(std::memory_order_acquire);
-    drain();
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    seen = gen_now();
+    drain(seen);
   }
 }
 
@@ -67,20 +76,24 @@ bool ThreadPool::try_run(int64_t ntasks, const std::function<void(int64_t)>& fn)
     for (int64_t t = 0; t < ntasks; ++t) fn(t);
     return true;
   }
-  fn_ = &fn;
-  ntasks_ = ntasks;
-  next_.store(0, std::memory_order_relaxed);
-  pending_.store(n_ - 1, std::memory_order_relaxed);
+  fn_.store(&fn, std::memory_order_release);
+  ntasks_.store(ntasks, std::memory_order_release);
+  done_.store(0, std::memory_order_release);
+  uint32_t gen;
   int sleepers;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    gen_.fetch_add(1, std::memory_order_release);
+    gen = (uint32_t)(work_.load(std::memory_order_relaxed) >> 32) + 1;
+    work_.store((uint64_t)gen << 32, std::memory_order_release);  // publishes fn_, ntasks_, done_
     sleepers = sleepers_;
   }
   if (sleepers > 0) cv_.notify_all();
-  drain();
-  while (pending_.load(std::memory_order_acquire) != 0) BITNET_PAUSE();
-  fn_ = nullptr;
+  drain(gen);
+  int iter = 0;
+  while (done_.load(std::memory_order_acquire) < ntasks) {
+    BITNET_PAUSE();
+    if ((++iter & 63) == 0) std::this_thread::yield();  // a worker holding a task may need this core
+  }
   return true;
 }
 

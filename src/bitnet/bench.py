@@ -7,8 +7,9 @@ Called by ``benchmarks/bench_kernels.py`` and the ``bitnet bench`` CLI subcomman
 
 "ours" is :func:`bitnet.ops.bitlinear_packed` (per-token int8 quantisation of x + 2-bit matmul +
 rescale, the call a packed layer makes), on CPU tensors; F.linear gets the same x and the
-dequantised weight. Times are the median of repeated calls (min also kept); the machine may be
-shared, so only ratios measured in the same run are meaningful. No assertions: a script, not a test.
+dequantised weight. The three are called in turn (round robin) and each time is the median of its
+calls (the min is kept in the rows too), so the ratios hold even on a shared machine.
+No assertions: a script, not a test.
 """
 
 from __future__ import annotations
@@ -43,14 +44,26 @@ def cpu_model() -> str:
 
 def _time(fn: Callable[[], object], budget_s: float, min_reps: int = 3, max_reps: int = 200) -> tuple[float, float]:
     """(median, min) seconds of fn() over repeated calls within ~budget_s (after one warm-up call)."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+    med, mn = _time_side_by_side([fn], budget_s, min_reps, max_reps)
+    return med[0], mn[0]
+
+
+def _time_side_by_side(fns: Sequence[Callable[[], object]], budget_s: float, min_reps: int = 3,
+                       max_reps: int = 200) -> tuple[list[float], list[float]]:
+    """Median and min seconds of each fn, called in turn (round robin) so that all see the same
+    machine load: the ratios stay meaningful on a shared machine."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+        reps += 1
+    return [statistics.median(t) for t in times], [min(t) for t in times]
 
 
 def memory_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> dict:
@@ -98,12 +111,13 @@ def run_kernel_bench(
         for m in batches:
             x = torch.randn(m, k, generator=g)
             x_bf16 = x.to(torch.bfloat16)
-            ours, ours_min = _time(lambda: ops.bitlinear_packed(x, packed, w_scale, k), budget_s)
-            fp32, fp32_min = _time(lambda: F.linear(x, w_fp32), budget_s)
+            fns = [lambda: ops.bitlinear_packed(x, packed, w_scale, k), lambda: F.linear(x, w_fp32)]
             if bf16:
-                b16, b16_min = _time(lambda: F.linear(x_bf16, w_bf16), budget_s, min_reps=1 if m >= 64 else 3)
-            else:
-                b16 = b16_min = None
+                fns.append(lambda: F.linear(x_bf16, w_bf16))
+            med, mins = _time_side_by_side(fns, budget_s * len(fns), min_reps=2 if m >= 64 else 5)
+            ours, fp32 = med[0], med[1]
+            ours_min, fp32_min = mins[0], mins[1]
+            b16, b16_min = (med[2], mins[2]) if bf16 else (None, None)
             rows.append({
                 "N": n, "K": k, "M": m,
                 "ours_ms": ours * 1e3, "fp32_ms": fp32 * 1e3, "bf16_ms": None if b16 is None else b16 * 1e3,

@@ -140,11 +140,22 @@ def model_config(model: nn.Module) -> dict:
     return dict(cfg)
 
 
-def save_model(model: nn.Module, path, metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write the model tensors (tied duplicates dropped) to a safetensors file ``path``."""
+def save_model(model: nn.Module, path, metadata: dict[str, str] | None = None, compact: bool = False) -> Path:
+    """Atomically write the model tensors (tied duplicates dropped) to a safetensors file ``path``.
+
+    ``compact=True`` stores the 2-bit weights of a packed model in base 3 (1.6 bits per weight).
+    """
+    from .convert.packed_io import compact_tensors, packed_in_features
+
     tensors, aliases = split_tied(model.state_dict())
     meta = {"format": FORMAT, "bitnet.model_type": type(model).__name__,
             "bitnet.config": json.dumps(model_config(model)), "bitnet.aliases": json.dumps(aliases)}
+    if compact:
+        layers = packed_in_features(model)
+        if not layers:
+            raise ValueError("compact=True needs a packed model: call bitnet.pack(model) first")
+        tensors, compact_meta = compact_tensors(tensors, layers)
+        meta.update(compact_meta)
     meta.update(metadata or {})
     return save_safetensors(tensors, path, meta)
 
@@ -158,11 +169,12 @@ def save_checkpoint(
     train_config: dict | None = None,
     tokenizer=None,
     rng_states: dict[str, torch.Tensor] | None = None,
+    compact: bool = False,
 ) -> Path:
     """Write ``model.safetensors``, optionally ``optimizer.safetensors``, then ``config.json`` into ``run_dir``.
 
     Each file is replaced atomically; config.json (which names the step) is written last.
-    Returns the run folder.
+    ``compact`` stores a packed model's weights in base 3 (see :func:`save_model`). Returns the run folder.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +182,7 @@ def save_checkpoint(
     if optimizer is not None:
         save_optimizer(optimizer, run_dir / OPTIMIZER_FILE, extra_tensors=rng_states)
         files["optimizer"] = OPTIMIZER_FILE
-    save_model(model, run_dir / MODEL_FILE)
+    save_model(model, run_dir / MODEL_FILE, compact=compact)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -391,7 +403,8 @@ def _config_from(config, path: Path) -> dict:
     return dict(data.get("model_config", data))
 
 
-def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], source) -> None:
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], source,
+                    assign: bool = False) -> None:
     """``model.load_state_dict`` with tied tensors restored and errors that name the tensor and the file."""
     expected = model.state_dict()
     tied_here = split_tied(expected)[1]
@@ -412,7 +425,7 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], aliases:
             raise CheckpointError(
                 f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the model expects {tuple(v.shape)}"
             )
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=assign)
 
 
 def load_model(path, device=None, *, config: dict | str | os.PathLike | None = None, **overrides) -> nn.Module:
@@ -448,9 +461,29 @@ def load_model(path, device=None, *, config: dict | str | os.PathLike | None = N
     cfg.update(overrides)
     if cfg.pop("model_type", "BitNetTransformer") != "BitNetTransformer":
         raise CheckpointError(f"{weights_file}: only BitNetTransformer checkpoints are supported")
+    packed = bool(cfg.pop("packed", False))
     try:
-        model = BitNetTransformer(**cfg)
+        # a packed model is built on the meta device and its 2-bit tensors assigned: no fp weights ever exist
+        with torch.device("meta" if packed else "cpu"):
+            model = BitNetTransformer(**cfg)
     except TypeError as e:
         raise CheckpointError(f"model config for {weights_file} is not valid BitNetTransformer kwargs: {e}") from e
-    load_state_into(model, tensors, aliases, weights_file)
+    if packed:
+        from .convert.pack import pack
+        from .convert.packed_io import expand_tensors
+
+        pack(model)
+        load_state_into(model, expand_tensors(tensors, meta), aliases, weights_file, assign=True)
+        materialize_tables(model)
+    else:
+        load_state_into(model, tensors, aliases, weights_file)
     return model.to(device).eval()
+
+
+def materialize_tables(model: nn.Module) -> None:
+    """Rebuild derived, non-persistent buffers (rotary tables) that a meta-device construction left empty."""
+    from .nn.rotary import RotaryEmbedding
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) and module.cos.is_meta:
+            module.build_tables(torch.device("cpu"))

@@ -17,9 +17,14 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)          # (L, hd/2)
-        angles = torch.cat([angles, angles], dim=-1)                                             # (L, hd)
+        self.build_tables()
+
+    def build_tables(self, device=None) -> None:
+        """(Re)compute the cos/sin tables (L, head_dim) on ``device``."""
+        hd = self.head_dim
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))  # (hd/2,)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device), inv_freq)  # (L, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)                                                      # (L, hd)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 

@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     "bitnet.generate.cli",     # bitnet generate
     "bitnet.serve.cli",        # bitnet serve
     "bitnet.chat",             # bitnet chat
+    "bitnet.evaluate",         # bitnet eval
 ]
 
 

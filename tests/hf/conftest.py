@@ -2,8 +2,6 @@
 
 import pytest
 
-pytest.importorskip("transformers")
-
 
 def tiny_bitllama_config(**overrides):
     from bitnet import BitLlamaConfig

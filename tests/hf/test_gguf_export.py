@@ -77,3 +77,22 @@ def test_bitllama_export(tmp_path):
     np.testing.assert_allclose(values * scale, (q * gamma).detach().numpy(), rtol=1e-6)
     names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
     assert "blk.0.attn_sub_norm.weight" in names and "blk.0.ffn_sub_norm.weight" in names
+
+
+def test_official_bitnet_packed_export(tmp_path):
+    pytest.importorskip("transformers")
+    from bitnet import BitNetForCausalLM
+    from bitnet.quant import pack_i2
+
+    torch.manual_seed(0)
+    model = BitNetForCausalLM({"vocab_size": 300, "hidden_size": 256, "intermediate_size": 512,
+                               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    model.tie_weights()
+    layer = model.model.layers[0].mlp.down_proj
+    t = torch.randint(-1, 2, (256, 512), dtype=torch.int8)
+    layer.w_packed.copy_(pack_i2(t))
+    layer.w_scale.fill_(0.75)
+    path = export_gguf(model, tmp_path / "official.gguf", ftype="TQ1_0")
+    values, scale = read_gguf_linear(path, "blk.0.ffn_down")
+    np.testing.assert_array_equal(values, t.float().numpy())
+    assert scale == 0.75

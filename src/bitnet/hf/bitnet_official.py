@@ -5,8 +5,9 @@ Architecture: Llama with squared-ReLU gate (``hidden_act="relu2"``), an RMSNorm 
 ``transformers.LlamaForCausalLM`` (so ``generate()`` and the KV cache are transformers') whose seven
 decoder projections are replaced by
 
-* :class:`HFPackedBitLinear` (default): 2-bit I2-packed ternary weight + fp32 scale, int8 per-token
-  activations, run by ``bitnet.ops.bitlinear_packed`` (native CPU / Triton / reference backend);
+* :class:`HFPackedBitLinear` (default), a ``bitnet.nn.PackedBitLinear``: 2-bit I2-packed ternary weight +
+  fp32 scale, int8 per-token activations, run by ``bitnet.ops.bitlinear_packed`` (native CPU / Triton /
+  reference backend, ``bitnet.ops.backend()`` says which);
 * ``bitnet.nn.BitLinear`` with ``trainable=True``: fp master weights, fake quantisation (fine-tuning).
 
 The sub-norms live inside the layers that read them (``o_proj.norm``, ``down_proj.norm``), so the
@@ -21,7 +22,6 @@ with ``quant_method="bitnet"``, ``linear_class="autobitlinear"``):
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
@@ -31,11 +31,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .. import ops
 from ..convert.hf_bitnet import pack_hf_bitnet, unpack_hf_bitnet
 from ..nn.bitlinear import BitLinear
-from ..nn.norm import RMSNorm
-from ..quant import check_bits, pack_i2, padded_in_features, unpack_i2
+from ..nn.packed import PackedBitLinear
+from ..quant import pack_i2, unpack_i2
 
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUB_NORMS = {"self_attn.attn_sub_norm": "self_attn.o_proj.norm", "mlp.ffn_sub_norm": "mlp.down_proj.norm"}
@@ -43,33 +42,23 @@ QUANT_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quan
 _LLAMA_KEYS = set(LlamaConfig().to_dict())
 
 
-class HFPackedBitLinear(nn.Module):
-    """Inference linear with I2-packed ternary weights: ``y = (xq @ Wq^T) * w_scale / s``.
+class HFPackedBitLinear(PackedBitLinear):
+    """``bitnet.nn.PackedBitLinear`` (I2-packed ternary weight ``w_packed``, fp32 ``w_scale``, int8 per-token
+    activations through ``bitnet.ops.bitlinear_packed``) built from the official layout's arguments.
 
-    Buffers ``w_packed`` uint8 (out, ceil(in/128)*32) and ``w_scale`` fp32 0-dim, the same names and
-    layout as ``bitnet.nn.PackedBitLinear`` (switching to it is a one-line change once it is public).
-    ``norm`` (RMSNorm on the input) is the official ``attn_sub_norm`` / ``ffn_sub_norm``.
+    ``y = (xq @ Wq^T) * w_scale / s``, with ``w_scale`` the checkpoint's ``weight_scale``. ``norm`` (RMSNorm
+    on the input) is the official ``attn_sub_norm`` / ``ffn_sub_norm``.
     """
 
     def __init__(self, in_features, out_features, norm=False, norm_eps=1e-5, bits=8, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features, self.bits = in_features, out_features, check_bits(bits)
-        self.register_buffer("w_packed", torch.ones(out_features, padded_in_features(in_features) // 4,
-                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("w_scale", torch.ones((), dtype=torch.float32, device=device))
-        self.norm = RMSNorm(in_features, eps=norm_eps, device=device, dtype=dtype) if norm else None
+        super().__init__(in_features, out_features, bias=False, bits=bits, norm=norm, norm_eps=norm_eps,
+                         weight_kind="1.58", device=device)
+        if self.norm is not None and dtype is not None:
+            self.norm.to(dtype)
 
     def ternary_weight(self) -> torch.Tensor:
         """The ternary values (out, in) as int8."""
         return unpack_i2(self.w_packed, self.in_features, torch.int8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None:
-            x = self.norm(x)
-        return ops.bitlinear_packed(x, self.w_packed, self.w_scale, self.in_features, None, self.bits).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, norm={self.norm is not None}"
 
 
 def llama_config_from_bitnet(config) -> LlamaConfig:

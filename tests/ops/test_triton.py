@@ -168,6 +168,8 @@ def test_errors_are_clear(device):
         tb.triton_ternary_matmul_int(torch.zeros(2, 257, dtype=torch.int8, device=device), packed, 257)
     with pytest.raises(ValueError, match="kernel must be one of"):
         tb.triton_ternary_matmul_int(x, packed, 130, kernel="fast")
+    with pytest.raises(ValueError, match="split_k"):
+        tb.triton_ternary_matmul_int(x, packed, 130, kernel="gemv", split_k=0)
     with pytest.raises(ValueError, match="w_scale"):
         tb.triton_ternary_linear(x, torch.ones(2, 1, device=device), packed, torch.ones(2, device=device), 130)
     with pytest.raises(ValueError, match="bits"):

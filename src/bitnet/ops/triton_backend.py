@@ -316,7 +316,9 @@ def _check_matmul_args(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: i
     return m, n, k
 
 
-def _choose_kernel(kernel: str, m: int) -> str:
+def _choose_kernel(kernel: str, m: int, split_k: Optional[int] = None) -> str:
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "auto":
@@ -397,7 +399,7 @@ def triton_ternary_matmul_int(
     _require_triton()
     m, n, k = _check_matmul_args(x_q, w_packed, in_features)
     _check_device(x_q, w_packed)
-    kernel = _choose_kernel(kernel, m)
+    kernel = _choose_kernel(kernel, m, split_k)
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=x_q.device)
     x_q = x_q.contiguous()
@@ -435,7 +437,7 @@ def triton_ternary_linear(
         raise ValueError(f"bias must be a float (N,) tensor with N={n}, got {bias.dtype} of shape {tuple(bias.shape)}")
     tensors = [x_q, x_scale, w_packed, w_scale] + ([bias] if bias is not None else [])
     _check_device(*tensors)
-    kernel = _choose_kernel(kernel, m)
+    kernel = _choose_kernel(kernel, m, split_k)
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
     x_q = x_q.contiguous()

@@ -162,11 +162,11 @@ int spin_us() {
 }
 
 std::mutex g_pool_mu;
-ThreadPool* g_pool = nullptr;   // never destroyed (workers sleep at exit); recreated after fork
+std::shared_ptr<ThreadPool> g_pool;  // callers hold a reference while they use it: resizing is safe
 int g_pool_pid = 0;
-int g_nthreads = 0;             // 0: not set yet -> cpu_count()
+int g_nthreads = 0;                   // 0: not set yet -> cpu_count()
 
-ThreadPool* pool() {
+std::shared_ptr<ThreadPool> pool() {
   std::lock_guard<std::mutex> lk(g_pool_mu);
 #if defined(__linux__)
   const int pid = (int)getpid();
@@ -174,9 +174,13 @@ ThreadPool* pool() {
   const int pid = 0;
 #endif
   if (g_nthreads <= 0) g_nthreads = cpu_count();
-  if (g_pool == nullptr || g_pool_pid != pid || g_pool->size() != g_nthreads) {
-    if (g_pool != nullptr && g_pool_pid == pid) delete g_pool;  // after fork the old threads do not exist: leak
-    g_pool = new ThreadPool(g_nthreads, spin_us());
+  if (g_pool && g_pool_pid != pid) {
+    // Forked child: the parent's worker threads do not exist here; never join them, leak the object.
+    new std::shared_ptr<ThreadPool>(std::move(g_pool));
+    g_pool.reset();
+  }
+  if (!g_pool || g_pool->size() != g_nthreads) {
+    g_pool = std::make_shared<ThreadPool>(g_nthreads, spin_us());  // old one ends with its last user
     g_pool_pid = pid;
   }
   return g_pool;

@@ -13,7 +13,11 @@
 namespace bitnet {
 namespace {
 
-constexpr int kI16Blocks = 8;  // blocks accumulated in int16 before widening (8 * 2048 < 32767)
+constexpr int kI16Blocks = 8;
+#ifndef BITNET_PREFETCH
+#define BITNET_PREFETCH 1
+#endif
+constexpr bool kPrefetch = BITNET_PREFETCH;  // blocks accumulated in int16 before widening (8 * 2048 < 32767)
 
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -42,6 +46,9 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
       for (int t = 0; t < MT; ++t) a16[r][t] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
       for (int r = 0; r < RT; ++r) {
+        // Weights are streamed once (decode): fetch the same column of the next RT rows ahead of time,
+        // so that the loads are not limited by memory latency when the weights are not in cache.
+        if (kPrefetch && (b & 1) == 0) _mm_prefetch((const char*)(wr[r] + RT * a.ldw + 32 * b), _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * b));
         const __m256i c0 = _mm256_and_si256(wv, m3);
         const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);

@@ -47,6 +47,8 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
   const bool odd = (a.nblk & 1) != 0;
   for (int64_t p = 0; p < npair + (odd ? 1 : 0); ++p) {
     for (int r = 0; r < RT; ++r) {
+      // prefetch the same column of the next RT rows: streamed weights are not latency bound
+      _mm_prefetch((const char*)(wr[r] + RT * a.ldw + 64 * p), _MM_HINT_T0);
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)(wr[r] + 64 * p))
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, wr[r] + 64 * p);
       const __m512i c0 = _mm512_and_si512(wv, m3);

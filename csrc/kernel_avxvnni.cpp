@@ -33,6 +33,8 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
     for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
   for (int64_t b = 0; b < a.nblk; ++b) {
     for (int r = 0; r < RT; ++r) {
+      // prefetch the same column of the next RT rows: streamed weights are not latency bound
+      if ((b & 1) == 0) _mm_prefetch((const char*)(wr[r] + RT * a.ldw + 32 * b), _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * b));
       const __m256i c0 = _mm256_and_si256(wv, m3);
       const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <ctime>
 #include <vector>
 
 #include "bitnet_native.h"
@@ -79,23 +80,48 @@ int main(int argc, char** argv) {
       for (int N : Ns) fails += check(rng, M, K, N);
   std::printf("%s\n", fails ? "FAILED" : "all ISAs match the scalar kernel");
   if (argc > 4) bitnet_set_num_threads(std::atoi(argv[4]));
-  if (argc > 1) {  // timing: selftest N K iters
+  if (argc > 1) {  // timing: selftest N K iters threads M cold
     const int N = std::atoi(argv[1]), K = argc > 2 ? std::atoi(argv[2]) : 2560, it = argc > 3 ? std::atoi(argv[3]) : 200;
     const int M = argc > 5 ? std::atoi(argv[5]) : 1;
+    const bool cold = argc > 6 && std::atoi(argv[6]) != 0;  // rotate over copies of W (> 256 MB): weights from DRAM
+    const int64_t ldw = (K + 127) / 128 * 32;
+    const size_t wbytes = (size_t)N * ldw;
+    const int copies = cold ? (int)std::max<size_t>(2, (256u << 20) / wbytes) : 1;
     std::vector<int8_t> x((size_t)M * K, 3);
-    std::vector<uint8_t> w((size_t)N * ((K + 127) / 128 * 32), 0x99);
+    std::vector<uint8_t> w(wbytes * copies, 0x99);
     std::vector<int32_t> out((size_t)M * N);
+    {  // read bandwidth of the same buffer, for reference
+      double best = 1e30;
+      for (int r = 0; r < 3; ++r) {
+        auto t0 = std::chrono::steady_clock::now();
+        uint64_t acc = 0;
+        const uint64_t* p = (const uint64_t*)w.data();
+        for (size_t i = 0; i < w.size() / 8; i += 8) acc += p[i];   // one load per cache line
+        volatile uint64_t sink = acc; (void)sink;
+        best = std::min(best, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::printf("1-thread read of %zu MB: %.1f GB/s\n", w.size() >> 20, w.size() / best / 1e3);
+    }
     for (int isa = 0; isa < BITNET_ISA_COUNT; ++isa) {
       if (!bitnet_isa_supported(isa)) continue;
-      for (int i = 0; i < 2; ++i) bitnet_matmul_int(x.data(), M, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
-      double us = 1e30;  // best of `it` calls (the machine may be shared)
+      for (int i = 0; i < 2; ++i) bitnet_matmul_int(x.data(), M, K, K, w.data(), N, ldw, out.data(), N, isa);
+      double us = 1e30, sum = 0;  // best and mean of `it` calls (the machine may be shared)
       for (int i = 0; i < it; ++i) {
+        const uint8_t* wi = w.data() + wbytes * (i % copies);
         auto t0 = std::chrono::steady_clock::now();
-        bitnet_matmul_int(x.data(), M, K, K, w.data(), N, (K + 127) / 128 * 32, out.data(), N, isa);
-        us = std::min(us, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+        bitnet_matmul_int(x.data(), M, K, K, wi, N, ldw, out.data(), N, isa);
+        double d = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+        if (std::getenv("BITNET_SELFTEST_CPUTIME")) {  // 1 thread on a busy machine: CPU time of the call
+          static timespec last{};
+          timespec now; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+          if (i > 0) d = (now.tv_sec - last.tv_sec) * 1e6 + (now.tv_nsec - last.tv_nsec) / 1e3;
+          last = now;
+        }
+        us = std::min(us, d); sum += d;
       }
-      std::printf("%-10s M=%d %dx%d: %9.1f us  %6.1f GB/s of weights  %6.1f Gop/s (threads %d)\n", bitnet_isa_name(isa),
-                  M, N, K, us, w.size() / us / 1e3, 2.0 * M * N * K / us / 1e3, bitnet_get_num_threads());
+      std::printf("%-10s M=%d %dx%d%s: best %9.1f us (mean %9.1f)  %6.1f GB/s of weights  %6.1f Gop/s (threads %d)\n",
+                  bitnet_isa_name(isa), M, N, K, cold ? " cold" : "", us, sum / it, wbytes / us / 1e3,
+                  2.0 * M * N * K / us / 1e3, bitnet_get_num_threads());
     }
   }
   return fails ? 1 : 0;

@@ -1,0 +1,259 @@
+"""Load test of ``bitnet serve``: N concurrent streaming clients, throughput, latency, and correctness.
+
+    # against a running server
+    python benchmarks/load_test.py --url http://127.0.0.1:8000 --clients 1,16
+    # start a server itself (subprocess) on a checkpoint, or on a random model of a given shape
+    python benchmarks/load_test.py --model runs/kjv --clients 1,16
+    python benchmarks/load_test.py --random --dim 512 --depth 8 --clients 1,16 [--pack]
+
+For every client count it prints total generated tokens/s, request latency p50/p90/p99, time to
+first token p50, and checks that no request was lost (each ends with a finish reason and the
+token count it asked for) and none was mixed with another. Every request is greedy (temperature 0)
+with a distinct prompt and is compared with the text the same prompt gets when sent alone
+(measured first, one request at a time):
+
+- ``exact``: identical text;
+- ``drift``: identical for a while, then different. Batched decoding is not bit-identical to
+  batch-1 decoding (float reductions in attention / fp matmuls depend on the batch shape; a 1e-7
+  difference can move an int8 activation across a rounding step, which shifts logits by ~1e-2),
+  so a near-tie between the two best tokens of a random model can flip. Reported, not an error;
+- ``mixed``: the text shares a longer prefix with ANOTHER prompt's reference than with its own,
+  or its first piece differs (the first token comes from a batch-1 prefill, so it must match). Error.
+
+Exit status 1 when a request is lost, fails, or is mixed. The number of requests and the time per
+phase are bounded (--requests, --max-seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(client, url, prompt, max_tokens):
+    """Stream one greedy completion; returns dict(text, tokens, finish, latency, ttft)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, text, finish, tokens = None, [], None, None
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices", []):
+                if c.get("text"):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text.append(c["text"])
+                if c.get("finish_reason"):
+                    finish = c["finish_reason"]
+    return {"text": "".join(text), "tokens": tokens, "finish": finish, "latency": time.perf_counter() - t0,
+            "ttft": ttft if ttft is not None else float("nan")}
+
+
+async def phase(url, prompts, clients, requests, max_tokens, max_seconds):
+    """``clients`` concurrent clients share ``requests`` requests (prompt i = prompts[i % len]) within a deadline."""
+    import httpx
+
+    todo = list(range(requests))
+    results, errors = {}, []
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(max_seconds + 60), limits=limits) as client:
+        async def worker():
+            while todo and time.perf_counter() < deadline:
+                i = todo.pop(0)
+                try:
+                    results[i] = await one_request(client, url, prompts[i % len(prompts)], max_tokens)
+                except Exception as e:  # counted as lost below
+                    errors.append(f"request {i}: {type(e).__name__}: {e}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return results, errors, wall, len(todo)
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def classify(results, reference, n_prompts):
+    """Split request ids into exact / drift / mixed (see the module docstring)."""
+    exact, drift, mixed = [], [], []
+    for i, r in results.items():
+        own = reference[i % n_prompts]
+        if r["text"] == own:
+            exact.append(i)
+            continue
+        mine = common_prefix(r["text"], own)
+        others = max((common_prefix(r["text"], ref) for j, ref in enumerate(reference) if j != i % n_prompts),
+                     default=0)
+        (mixed if mine == 0 or others > mine else drift).append(i)
+    return exact, drift, mixed
+
+
+def report(name, clients, results, errors, wall, skipped, reference, prompts, max_tokens):
+    lat = [r["latency"] for r in results.values()]
+    ttft = [r["ttft"] for r in results.values()]
+    tokens = sum(r["tokens"] or 0 for r in results.values())
+    lost = [i for i, r in results.items() if r["finish"] is None or r["tokens"] != max_tokens]
+    exact, drift, mixed = classify(results, reference, len(prompts)) if reference is not None else ([], [], [])
+    tps = tokens / wall if wall else float("nan")
+    print(f"{name:>8} clients={clients:<3} requests={len(results):<4} tokens={tokens:<6} wall={wall:7.2f}s "
+          f"tokens/s={tps:8.1f}  latency p50/p90/p99={percentile(lat, 50):.2f}/{percentile(lat, 90):.2f}/"
+          f"{percentile(lat, 99):.2f}s  ttft p50={percentile(ttft, 50):.3f}s  "
+          f"errors={len(errors)} lost={len(lost)} exact={len(exact)} drift={len(drift)} mixed={len(mixed)} "
+          f"not_run={skipped}", flush=True)
+    for e in errors[:5]:
+        print("   ", e)
+    return tps, not errors and not lost and not mixed
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, args):
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "bitnet", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+           "--slots", str(args.slots), "--max-queue", "1024", "--log-level", "warning", "--model-name", "bench"]
+    if args.pack:
+        cmd.append("--pack")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=2).raise_for_status()
+            return proc, url
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("server did not start")
+            time.sleep(0.3)
+
+
+def random_model(args, folder):
+    import torch
+
+    from bitnet import BitNetTransformer
+    from bitnet.io import save_checkpoint
+    from bitnet.tokenizer import ByteTokenizer
+
+    torch.manual_seed(args.seed)
+    model = BitNetTransformer(256, args.dim, args.depth, heads=args.heads, max_seq_len=args.max_seq_len)
+    return save_checkpoint(Path(folder) / f"random-d{args.dim}-l{args.depth}", model, tokenizer=ByteTokenizer())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    src.add_argument("--model", help="checkpoint to serve (starts `bitnet serve` as a subprocess)")
+    src.add_argument("--random", action="store_true", help="serve a randomly initialised model of --dim/--depth")
+    p.add_argument("--clients", default="1,16", help="comma-separated client counts (default 1,16)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per phase (default: 4 per client, at least 8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--max-seconds", type=float, default=120, help="time limit per phase (default 120)")
+    p.add_argument("--prompts", type=int, default=16, help="distinct prompts (default 16)")
+    p.add_argument("--no-verify", action="store_true", help="skip the one-at-a-time reference pass")
+    g = p.add_argument_group("server started by this script")
+    g.add_argument("--slots", type=int, default=16)
+    g.add_argument("--pack", action="store_true")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--dim", type=int, default=512)
+    g.add_argument("--depth", type=int, default=8)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--max-seq-len", type=int, default=512)
+    g.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    if any(c < 1 for c in counts) or args.max_tokens < 1 or args.prompts < 1:
+        p.error("--clients, --max-tokens and --prompts must be >= 1")
+
+    proc, tmp = None, None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            model = args.model
+            if args.random:
+                tmp = tempfile.TemporaryDirectory()
+                model = random_model(args, tmp.name)
+            proc, url = start_server(model, args)
+        prompts = [f"Request {i:03d}: the quick brown fox #{i} " + "abcdefghij"[i % 10] * (i % 7) for i in range(args.prompts)]
+        reference = None
+        if not args.no_verify:
+            res, errors, wall, _ = asyncio.run(phase(url, prompts, 1, len(prompts), args.max_tokens, args.max_seconds * 4))
+            if errors or len(res) != len(prompts):
+                raise SystemExit(f"reference pass failed: {errors[:3]}")
+            reference = [res[i]["text"] for i in range(len(prompts))]
+            print(f"reference: {len(prompts)} prompts alone, {args.max_tokens} tokens each, "
+                  f"{len(prompts) * args.max_tokens / wall:.1f} tokens/s", flush=True)
+        ok, tps = True, {}
+        for c in counts:
+            n = args.requests or max(8, 4 * c)
+            res, errors, wall, skipped = asyncio.run(phase(url, prompts, c, n, args.max_tokens, args.max_seconds))
+            tps[c], good = report("phase", c, res, errors, wall, skipped, reference, prompts, args.max_tokens)
+            ok &= good
+        if len(counts) > 1:
+            base = tps[counts[0]]
+            print("speed-up vs", counts[0], "client(s):",
+                  ", ".join(f"{c} clients x{tps[c] / base:.2f}" for c in counts[1:]))
+        print("checks:", "ok (nothing lost or mixed)" if ok else "FAILED (see errors / lost / mixed above)")
+        return 0 if ok else 1
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(main())

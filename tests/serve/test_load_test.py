@@ -1,0 +1,29 @@
+"""benchmarks/load_test.py against the test server: it runs, counts every request, finds nothing mixed."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bitnet_load_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_load_test_script(server, capsys):
+    mod = load_script()
+    rc = mod.main(["--url", server.url, "--clients", "1,3", "--requests", "6", "--max-tokens", "8", "--prompts", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "clients=3" in out and "lost=0" in out and "mixed=0" in out and "speed-up" in out
+
+
+def test_classify_tells_drift_from_mixing():
+    mod = load_script()
+    ref = ["abcdef", "xyzuvw"]
+    results = {0: {"text": "abcdef"}, 1: {"text": "xyzuQQ"}, 2: {"text": "xyzuvw"}, 3: {"text": "Qbcdef"}}
+    exact, drift, mixed = mod.classify(results, ref, 2)
+    assert exact == [0] and drift == [1] and sorted(mixed) == [2, 3]

@@ -4,6 +4,7 @@ the float epilogue, the fused quantise+matmul, torch.compile tracing, backend ch
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -241,3 +242,28 @@ def test_eager_fast_path_equals_dispatched_op():
     y = ops.bitlinear_packed(x.requires_grad_(), wp, ws, k)
     with pytest.raises(RuntimeError, match="autograd"):
         y.sum().backward()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_dispatch_glue(monkeypatch):
+    # The CUDA path of the ops (argument order, dtypes) run on CPU through Triton's interpreter.
+    import os
+
+    if not torch.cuda.is_available() and "triton" not in __import__("sys").modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from bitnet.ops import triton_backend as tb
+
+    if not torch.cuda.is_available() and not tb.interpret_mode():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(ops, "backend", lambda dev="cpu": "triton")
+    k, n = 130, 20
+    x = torch.randn(3, k, device=device)
+    _, wp, _ = make(1, k, n, seed=13, device=device)
+    ws, bias = torch.tensor(0.3, device=device), torch.randn(n, device=device)
+    x_q, s = activation_quant_int8(x)
+    acc = ternary_matmul_reference(x_q, wp, k)
+    assert torch.equal(ops.ternary_matmul_int(x_q, wp, k), acc)
+    want = acc.float() * ws / s + bias
+    torch.testing.assert_close(ops.ternary_linear(x_q, s, wp, ws, k, bias), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.bitlinear_packed(x, wp, ws, k, bias), want, rtol=1e-5, atol=1e-5)

@@ -97,17 +97,19 @@ def train_and_test(model, train_x, train_y, test_x, test_y, epochs, batch_size, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="folder with MNIST-format IDX files (raw or .gz)")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     name, train_x, train_y, test_x, test_y = load_data(args.data)
     classes = int(max(train_y.max(), test_y.max())) + 1
-    print(f"data: {name}: {len(train_x)} train / {len(test_x)} test, {train_x.shape[1]} features, {classes} classes")
+    print(f"data: {name}: {len(train_x)} train / {len(test_x)} test, {train_x.shape[1]} features, {classes} classes",
+          flush=True)
     results = {}
     for label, bit in (("BitLinear (b1.58)", True), ("nn.Linear (fp32)", False)):
         torch.manual_seed(args.seed)
@@ -115,7 +117,7 @@ def main(argv=None):
         start = time.time()
         results[label] = train_and_test(model, train_x, train_y, test_x, test_y, args.epochs, args.batch_size,
                                         args.lr, args.seed)
-        print(f"{label:20s} test accuracy {results[label]:6.2f}%   ({time.time() - start:.0f} s)")
+        print(f"{label:20s} test accuracy {results[label]:6.2f}%   ({time.time() - start:.0f} s)", flush=True)
     bit_acc, fp_acc = results["BitLinear (b1.58)"], results["nn.Linear (fp32)"]
     print(f"difference (fp32 - b1.58): {fp_acc - bit_acc:+.2f} points")
     return results

@@ -6,8 +6,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+import os
+
 import pytest
 import torch
+
+# Triton picks interpreter vs compiler when it is imported: set it before anything (torch.compile) does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -247,10 +253,6 @@ def test_eager_fast_path_equals_dispatched_op():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_dispatch_glue(monkeypatch):
     # The CUDA path of the ops (argument order, dtypes) run on CPU through Triton's interpreter.
-    import os
-
-    if not torch.cuda.is_available() and "triton" not in __import__("sys").modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     from bitnet.ops import triton_backend as tb
 
     if not torch.cuda.is_available() and not tb.interpret_mode():

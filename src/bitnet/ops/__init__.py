@@ -240,6 +240,7 @@ def _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits):
 # ------------------------------------------------------------------------------------------------
 # Public functions: validate, flatten leading dims, call the op.
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 _function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
@@ -250,7 +251,7 @@ def _plain_eager(*tensors) -> bool:
     decode time): eager mode, plain tensors that need no gradient, no torch function / dispatch mode.
     Anything else (torch.compile, export, fake or meta tensors, subclasses, modes) goes through the op."""
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or t.requires_grad or t.is_meta):
+        if t is not None and (type(t) not in _PLAIN or t.requires_grad or t.is_meta):
             return False
     return not (_is_compiling() or _function_mode_on() or _dispatch_stack_len())
 

@@ -40,3 +40,17 @@ def test_compact_needs_packed_model(tmp_path):
     model = BitNetTransformer(num_tokens=20, dim=32, depth=1, heads=4)
     with pytest.raises(ValueError, match="packed model"):
         save_checkpoint(tmp_path / "run", model, compact=True)
+
+
+def test_pack_command_writes_a_packed_run_that_generates(tmp_path, capsys):
+    from bitnet.cli import main
+    from bitnet.generate.inference import BitNetInference
+
+    model = BitNetTransformer(num_tokens=256, dim=64, depth=1, heads=4, max_seq_len=64).eval()
+    save_checkpoint(tmp_path / "run", model)
+    assert main(["pack", str(tmp_path / "run"), "--out", str(tmp_path / "packed"), "--compact"]) == 0
+    assert '"linear_weight_bytes_after"' in capsys.readouterr().out
+    inf = BitNetInference(device="cpu").load_model(tmp_path / "packed")
+    assert isinstance(inf.model.layers[0].attn.q_proj, PackedBitLinear)
+    expected = BitNetInference(model=pack(model), device="cpu").generate("abc", 8, temperature=0)
+    assert inf.generate("abc", 8, temperature=0) == expected

@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "bitnet.serve.cli",        # bitnet serve
     "bitnet.chat",             # bitnet chat
     "bitnet.evaluate",         # bitnet eval
+    "bitnet.convert.cli",      # bitnet pack
 ]
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import time
 import uuid
+from collections import deque
 
 from fastapi import Request as HTTPRequest
 
@@ -222,10 +223,17 @@ def create_app(engine: Engine, model_name: str = "bitnet", owns_engine: bool = T
             try:
                 if first is not None:
                     yield sse(first)
+                backlog: deque = deque()
                 while True:
-                    ev = await events.get()
+                    ev = backlog.popleft() if backlog else await events.get()
+                    while not events.empty():
+                        backlog.append(events.get_nowait())
                     if ev[0] == "text":
-                        yield sse(make_chunk(text=ev[1], finish=None))
+                        # a slow reader gets the text that piled up in one chunk (fewer writes under load)
+                        text = [ev[1]]
+                        while backlog and backlog[0][0] == "text":
+                            text.append(backlog.popleft()[1])
+                        yield sse(make_chunk(text="".join(text), finish=None))
                     elif ev[0] == "done":
                         yield sse(make_chunk(text=None, finish=ev[1]))
                         break

@@ -72,7 +72,19 @@ def convert_hf_to_bitnet(
     if count_bitlinear(model) == 0:
         raise ValueError("no linear layer was converted: check `exclude` and the model type")
     model.bitnet_warmup_steps = warmup_steps
+    _drop_dequantized_gguf_quantizer(model)
     return model
+
+
+def _drop_dequantized_gguf_quantizer(model: nn.Module) -> None:
+    """A model loaded with ``from_pretrained(..., gguf_file=...)`` keeps transformers' GGUF quantizer although
+    its weights were dequantised to plain float tensors at load; the Trainer then refuses to train it
+    ("purely quantized model"). After conversion the weights are BitLinear master weights: drop it."""
+    hq = getattr(model, "hf_quantizer", None)
+    if hq is not None and type(hq).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+            model.config.quantization_config = None
 
 
 @torch.no_grad()

@@ -232,12 +232,13 @@ class BitNetForCausalLM(LlamaForCausalLM):
                    tie_word_embeddings=True, hidden_act=self.config.hidden_act,
                    torch_dtype=str(dtype).replace("torch.", ""))
         raw.pop("auto_map", None)
-        with open(os.path.join(save_directory, "config.json"), "w") as f:
-            json.dump(raw, f, indent=2, sort_keys=True)
+        _atomic_write(os.path.join(save_directory, "config.json"),
+                      lambda tmp: open(tmp, "w").write(json.dumps(raw, indent=2, sort_keys=True)))
         state = self.official_state_dict(dtype)
         meta = {"format": "pt"}
         if not max_shard_size:
-            save_file(state, os.path.join(save_directory, "model.safetensors"), metadata=meta)
+            _atomic_write(os.path.join(save_directory, "model.safetensors"),
+                          lambda tmp: save_file(state, tmp, metadata=meta))
             return
         shards, current, size = [], {}, 0
         for key, t in state.items():
@@ -250,11 +251,23 @@ class BitNetForCausalLM(LlamaForCausalLM):
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(save_directory, fname), metadata=meta)
+            _atomic_write(os.path.join(save_directory, fname), lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(save_directory, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        _atomic_write(os.path.join(save_directory, "model.safetensors.index.json"),
+                      lambda tmp: open(tmp, "w").write(index))
+
+
+def _atomic_write(path: str, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file at ``path``."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 

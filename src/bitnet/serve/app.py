@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from collections import deque
@@ -168,13 +169,29 @@ def create_app(engine: Engine, model_name: str = "bitnet", owns_engine: bool = T
             raise APIError(400, "request body must be a JSON object", None, code="invalid_json")
         return body
 
+    # Events cross from the engine thread to the event loop in batches: one loop wake-up per decode
+    # step for all slots, instead of one per token.
+    outbox: list = []
+    outbox_lock = threading.Lock()
+
+    def deliver():
+        with outbox_lock:
+            items = outbox[:]
+            outbox.clear()
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
     def submit(prompt_ids: list[int], params: SamplingParams):
         """Queue a request; returns (request, asyncio.Queue of its events)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(ev):
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            with outbox_lock:
+                outbox.append((events, ev))
+                first = len(outbox) == 1
+            if first:
+                loop.call_soon_threadsafe(deliver)
 
         try:
             req = engine.submit(Request(prompt_ids, params, emit))

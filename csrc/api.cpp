@@ -18,6 +18,7 @@
 #endif
 
 #include "bitnet_native.h"
+#include "int8.h"
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -335,6 +336,21 @@ float act_scale(float amax, float eps, int qp) {
 }
 
 }  // namespace
+}  // namespace bitnet
+
+// ------------------------------------------------------------------------------------------------
+// Services for the int8 kernels (int8.cpp): ISA dispatch and the thread pool.
+namespace bitnet {
+int native_resolve(int isa, Kernel* k, int* resolved) {
+  if (isa < 0) {
+    isa = g_default_isa.load(std::memory_order_relaxed);
+    if (isa < 0) isa = best_isa();
+  }
+  *resolved = isa;
+  return resolve_isa(isa, k);
+}
+int native_threads() { return pool()->size(); }
+void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) { parallel_for(ntasks, fn); }
 }  // namespace bitnet
 
 using namespace bitnet;

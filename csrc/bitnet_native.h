@@ -76,6 +76,18 @@ BITNET_API int bitnet_bitlinear(const float* x, int64_t M, int64_t K, int64_t ld
                                 const uint8_t* w, int64_t N, int64_t ldw, float w_scale, const float* bias,
                                 float* out, int64_t ldo, int isa);
 
+/* Int8 weights (the int8 LM head of bitnet.nn.Int8Linear), w int8 (N, ldw):
+ *   acc[m, n] = sum_k x[m, k] * w[n, k] (exact int32; K <= 131072), out int32 (M, ldo). */
+BITNET_API int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx,
+                                      const int8_t* w, int64_t N, int64_t ldw,
+                                      int32_t* out, int64_t ldo, int isa);
+
+/* Fused: quantise x (M, K) float32 per token (as bitnet_quantize_act), then
+ *   out[m, n] = acc[m, n] * w_scale[n] / x_scale[m] (+ bias[n]); w_scale (N,), bias (N,) or NULL. */
+BITNET_API int bitnet_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                                  const int8_t* w, int64_t N, int64_t ldw, const float* w_scale,
+                                  const float* bias, float* out, int64_t ldo, int isa);
+
 #ifdef __cplusplus
 }
 #endif

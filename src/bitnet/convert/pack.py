@@ -7,10 +7,15 @@ from typing import Callable
 from torch import nn
 
 from ..nn.bitlinear import BitLinear
+from ..nn.int8_linear import Int8Linear
 from ..nn.packed import PackedBitLinear
 
+HEADS = ("int8", "fp")
+"""Choices of ``pack(model, head=...)``."""
 
-def pack(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+
+def pack(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+         head: str = "int8") -> nn.Module:
     """Replace every BitLinear of ``model`` by a :class:`PackedBitLinear` in place and return the model.
 
     The fp master weights are dropped: each layer keeps only its 2-bit packed weight, its scale, its
@@ -20,7 +25,13 @@ def pack(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = 
 
     Args:
         filter_fn: ``filter_fn(module, name) -> bool``; only matching BitLinear layers are packed.
+        head: ``"int8"`` (default): the model's ``head`` / ``lm_head`` nn.Linear becomes an
+            :class:`~bitnet.nn.Int8Linear` (int8 weights, one scale per row: 4x fewer bytes than fp32 per
+            decoded token; with tied embeddings the embedding table is kept for lookups); only done
+            when at least one BitLinear is packed. ``"fp"`` leaves the head alone.
     """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if isinstance(model, BitLinear):
         return PackedBitLinear.from_bitlinear(model)
     if not isinstance(model, nn.Module):
@@ -31,6 +42,11 @@ def pack(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedBitLinear.from_bitlinear(layer))
+    if head == "int8" and targets:
+        for attr in ("head", "lm_head"):
+            lin = getattr(model, attr, None)
+            if type(lin) is nn.Linear:
+                setattr(model, attr, Int8Linear.from_linear(lin))
     if isinstance(getattr(model, "config", None), dict) and targets:
         model.config["packed"] = True
     return model
@@ -52,6 +68,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             seen.add(t.data_ptr())
             size = t.numel() * t.element_size()
             is_linear_weight = (isinstance(module, PackedBitLinear) and name in ("w_packed", "w_scale")) or (
+                isinstance(module, Int8Linear) and name in ("w_int8", "w_scale")
+                and not _is_head(model, module)) or (
                 isinstance(module, nn.Linear) and name == "weight" and not _is_head(model, module))
             if is_linear_weight:
                 linear += size

@@ -1,0 +1,136 @@
+// Int8 weights x int8 activations (the int8 LM head of bitnet.nn.Int8Linear): driver, scalar kernel
+// and the C ABI functions bitnet_int8_matmul_int / bitnet_int8_linear (see bitnet_native.h).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "bitnet_native.h"
+#include "int8.h"
+
+namespace bitnet {
+
+void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = a.x + m * a.ldx;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = a.w + n * a.ldw;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < a.K; ++k) acc += (int32_t)xr[k] * (int32_t)wr[k];
+      a.out[m * a.ldo + n] = acc;
+    }
+  }
+}
+
+namespace {
+
+int8_gemm_fn int8_kernel_for(int isa) {
+#if defined(BITNET_HAVE_AVX2)
+  if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI) return int8_gemm_avx2;
+#endif
+  (void)isa;
+  return int8_gemm_scalar;
+}
+
+struct Epi {
+  const float* x_scale = nullptr;  // (M,) or null: int32 output
+  const float* w_scale = nullptr;  // (N,)
+  const float* bias = nullptr;     // (N,) or null
+};
+
+void epilogue(const Epi& e, int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (!e.x_scale) return;
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* row = out + m * ldo;
+    const float xs = e.x_scale[m];
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t acc;
+      std::memcpy(&acc, row + n, 4);
+      float y = (float)acc * e.w_scale[n] / xs;   // as the reference: acc * w_scale / x_scale
+      if (e.bias) y += e.bias[n];
+      std::memcpy(row + n, &y, 4);
+    }
+  }
+}
+
+void run(int8_gemm_fn g, const Int8Args& a, int64_t M, int64_t N, const Epi& e) {
+  if (M == 0 || N == 0) return;
+  const int64_t nthreads = native_threads();
+  if (nthreads == 1 || M * N * a.K < (1 << 18)) {
+    g(a, 0, M, 0, N);
+    epilogue(e, a.out, a.ldo, 0, M, 0, N);
+    return;
+  }
+  // Tiles of MB tokens x NB rows; decode (small M): many row chunks so no thread waits on a slow one.
+  const int64_t MB = 32;
+  const int64_t mt = (M + MB - 1) / MB;
+  int64_t NB = M <= 4 ? 256 : 64;
+  while (NB > 16 && mt * ((N + NB - 1) / NB) < nthreads * 8) NB /= 2;
+  const int64_t nt = (N + NB - 1) / NB;
+  native_parallel_for(mt * nt, [&](int64_t t) {
+    const int64_t mi = t / nt, ni = t % nt;
+    const int64_t m0 = mi * MB, m1 = std::min(M, m0 + MB), n0 = ni * NB, n1 = std::min(N, n0 + NB);
+    g(a, m0, m1, n0, n1);
+    epilogue(e, a.out, a.ldo, m0, m1, n0, n1);
+  });
+}
+
+float act_scale(float amax, float eps, int qp) {  // as api.cpp / torch: (1 / max(amax, eps)) * Qp
+  const float a = amax < eps ? eps : amax;
+  const float r = 1.0f / a;
+  return r * (float)qp;
+}
+
+int check(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldw, int64_t ldo) {
+  if (M < 0 || K < 0 || N < 0 || ldx < K || ldw < K || ldo < N || K > 131072) return BITNET_EINVAL;
+  return BITNET_OK;
+}
+
+}  // namespace
+}  // namespace bitnet
+
+using namespace bitnet;
+
+extern "C" {
+
+int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
+                           int64_t ldw, int32_t* out, int64_t ldo, int isa) {
+  int rc = check(M, K, ldx, N, ldw, ldo);
+  if (rc) return rc;
+  Kernel k;
+  int resolved;
+  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  const Int8Args a{x, ldx, w, ldw, K, out, ldo};
+  run(int8_kernel_for(resolved), a, M, N, Epi{});
+  return BITNET_OK;
+}
+
+int bitnet_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps, const int8_t* w,
+                       int64_t N, int64_t ldw, const float* w_scale, const float* bias, float* out, int64_t ldo,
+                       int isa) {
+  int rc = check(M, K, ldx, N, ldw, ldo);
+  if (rc) return rc;
+  if (bits < 2 || bits > 8) return BITNET_EINVAL;
+  Kernel k;
+  int resolved;
+  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  if (M == 0 || N == 0) return BITNET_OK;
+  const int qp = (1 << (bits - 1)) - 1;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs;
+  const int64_t ldq = std::max<int64_t>(K, 1);
+  if ((int64_t)xq.size() < M * ldq) xq.resize((size_t)(M * ldq));
+  if ((int64_t)xs.size() < M) xs.resize((size_t)M);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    const float s = act_scale(k.absmax(xr, K), eps, qp);
+    xs[m] = s;
+    k.quant(xr, K, s, (float)(-qp - 1), (float)qp, xq.data() + m * ldq);
+  }
+  Epi e;
+  e.x_scale = xs.data(); e.w_scale = w_scale; e.bias = bias;
+  const Int8Args a{xq.data(), ldq, w, ldw, K, reinterpret_cast<int32_t*>(out), ldo};
+  run(int8_kernel_for(resolved), a, M, N, e);
+  return BITNET_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,146 @@
+"""Int8 weights x int8 activations: the kernels of :class:`bitnet.nn.Int8Linear` (the int8 LM head).
+
+At decode time the output head of a large-vocabulary model (BitNet-b1.58-2B-4T: 128256 x 2560) is the
+biggest single read of a token: 1.3 GB in fp32, more than all ternary layers together. Stored in int8
+with one float32 scale per output row it is 4x smaller, and the product runs in exact integers:
+
+    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]                 (int32, exact)
+    y[m, n]   = acc[m, n] * w_scale[n] / x_scale[m] (+ bias[n])
+
+``x_q, x_scale`` is the per-token absmax int8 quantisation of :func:`bitnet.quant.activation_quant_int8`
+(``x_scale = 127 / max|x|``); ``w_scale[n] = max|W[n]| / 127`` (:func:`quantize_weight_int8`).
+
+Backends: the native CPU library (AVX2, scalar; bitnet_int8_* in ``csrc/int8*.cpp``) for CPU tensors
+when it is loaded and has these functions, the pure-torch reference otherwise (any device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from ..quant import activation_quant_int8
+from . import cpu as _cpu
+
+MAX_K = 131072
+"""Largest in_features of the native kernel (int32 accumulators stay exact)."""
+
+
+def _declare():
+    lib = _cpu._lib
+    if lib is None or not hasattr(lib, "bitnet_int8_linear"):
+        return None
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.bitnet_int8_matmul_int.argtypes = [P, I64, I64, I64, P, I64, I64, P, I64, I]
+    lib.bitnet_int8_matmul_int.restype = I
+    lib.bitnet_int8_linear.argtypes = [P, I64, I64, I64, I, F, P, I64, I64, P, P, P, I64, I]
+    lib.bitnet_int8_linear.restype = I
+    return lib
+
+
+_lib = _declare()
+
+
+def native_available() -> bool:
+    """True when the native library is loaded and has the int8 kernels."""
+    return _lib is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (pure torch, exact)
+
+@torch.no_grad()
+def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row absmax int8 quantisation: ``(w_q int8 (N, K) in [-127, 127], w_scale float32 (N,))``
+    with ``w ~= w_q * w_scale[:, None]``; all-zero rows get scale 1."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    w_q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return w_q, scale
+
+
+def reference_matmul_int(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 (M, N) = x_q (M, K) @ w_q (N, K)^T in int64 arithmetic (any device)."""
+    return (x_q.to(torch.int64) @ w_q.to(torch.int64).T).to(torch.int32)
+
+
+def reference_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     bits: int = 8) -> torch.Tensor:
+    """float32 (M, N): quantise x per token, exact integer product, ``acc * w_scale / x_scale (+ bias)``."""
+    x_q, x_scale = activation_quant_int8(x.float(), bits)
+    acc = reference_matmul_int(x_q, w_q).float()
+    y = acc * w_scale.float().reshape(1, -1) / x_scale.float().reshape(-1, 1)
+    return y + bias.float() if bias is not None else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Public ops
+
+def _check_w(w_q, k):
+    if not isinstance(w_q, torch.Tensor) or w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise TypeError(f"w_q must be a 2-D int8 tensor (N, K), got {getattr(w_q, 'dtype', type(w_q))}")
+    if w_q.shape[1] != k:
+        raise ValueError(f"the input has {k} features but w_q has {w_q.shape[1]} columns")
+
+
+def _native_ok(*ts) -> bool:
+    return _lib is not None and all(t is None or (t.device.type == "cpu" and not t.is_meta) for t in ts) \
+        and not any(t is not None and t.requires_grad for t in ts) and _backend_cpu()
+
+
+def _backend_cpu() -> bool:
+    from . import backend
+    return backend("cpu") == "cpu"
+
+
+def _isa(isa):
+    return _cpu.isa_id(isa)
+
+
+def int8_matmul_int(x_q: torch.Tensor, w_q: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
+    """Exact int32 (..., N) = x_q (..., K) int8 @ w_q (N, K) int8 ^T."""
+    if not isinstance(x_q, torch.Tensor) or x_q.dtype != torch.int8 or x_q.dim() < 1:
+        raise TypeError("x_q must be an int8 tensor (..., K)")
+    _check_w(w_q, x_q.shape[-1])
+    lead, k, n = x_q.shape[:-1], x_q.shape[-1], w_q.shape[0]
+    x2 = x_q.reshape(-1, k)
+    if not _native_ok(x2, w_q) or k > MAX_K:
+        return reference_matmul_int(x2, w_q).reshape(*lead, n)
+    x2, w_q = x2.contiguous(), w_q.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.int32)
+    rc = _lib.bitnet_int8_matmul_int(x2.data_ptr(), m, k, k, w_q.data_ptr(), n, k, out.data_ptr(), n, _isa(isa))
+    _cpu._check_rc(rc, "int8_matmul_int")
+    return out.reshape(*lead, n)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                bits: int = 8, isa: Optional[str] = None) -> torch.Tensor:
+    """Int8 linear: per-token absmax quantisation of x (..., K) to ``bits``, exact integer product with
+    w_q (N, K) int8, then ``acc * w_scale[n] / x_scale (+ bias)``. Returns float32 (..., N)."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError("x must be a floating point tensor (..., K)")
+    _check_w(w_q, x.shape[-1])
+    lead, k, n = x.shape[:-1], x.shape[-1], w_q.shape[0]
+    if tuple(w_scale.shape) != (n,):
+        raise ValueError(f"w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
+    x2 = x.reshape(-1, k)
+    if not _native_ok(x2, w_q, w_scale, bias) or k > MAX_K or torch.compiler.is_compiling():
+        return reference_linear(x2, w_q, w_scale, bias, bits).reshape(*lead, n)
+    x2 = x2.float().contiguous() if x2.dtype != torch.float32 or not x2.is_contiguous() else x2
+    w_q = w_q.contiguous()
+    ws = w_scale.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    rc = _lib.bitnet_int8_linear(x2.data_ptr(), m, k, k, int(bits), 1e-5, w_q.data_ptr(), n, k, ws.data_ptr(),
+                                 None if b is None else b.data_ptr(), out.data_ptr(), n, _isa(isa))
+    _cpu._check_rc(rc, "int8_linear")
+    return out.reshape(*lead, n)
+
+
+__all__ = ["MAX_K", "int8_linear", "int8_matmul_int", "native_available", "quantize_weight_int8",
+           "reference_linear", "reference_matmul_int"]

@@ -166,3 +166,214 @@ def print_kernel_bench(rows: list[dict], bandwidth: Optional[dict] = None, file=
             # time to stream the packed weights once at the probed read bandwidth (decode lower bound)
             line += f" | {r['N'] * ((r['K'] + 127) // 128 * 32) / (bandwidth['read_GBps'] * 1e9) * 1e3:11.3f}"
         pr(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# End-to-end decode / prefill of whole models (``bitnet bench``, ``benchmarks/bench_decode.py``)
+
+MODEL_SHAPES = {
+    # BitNet-b1.58-2B-4T: hidden 2560, intermediate 6912 (ff_mult 2.7), 30 layers, 20 heads, 5 KV heads
+    "2b4t": dict(num_tokens=128256, dim=2560, depth=30, heads=20, kv_heads=5, ff_mult=2.7),
+    # the shape bitnet.cpp reports on (same blocks, no GQA, vocab 32000)
+    "bitnetcpp": dict(num_tokens=32000, dim=2560, depth=30, heads=20, kv_heads=20, ff_mult=2.7),
+    "small": dict(num_tokens=32000, dim=1024, depth=12, heads=16, kv_heads=16, ff_mult=2.75),
+}
+"""Model shapes (BitNetTransformer kwargs) of the decode benchmark."""
+
+BITNETCPP_REFERENCE = "bitnet.cpp on a 2-core Xeon, vocab-32000 shape: 13.6-16.2 tok/s decode, 42 tok/s prefill (128)"
+
+
+@torch.no_grad()
+def build_random_model(shape: dict, kind: str = "packed", depth: Optional[int] = None, max_seq_len: int = 512,
+                       seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised BitNetTransformer of ``shape`` without ever materialising fp weights when
+    ``kind="packed"`` (built on the meta device, packed, buffers filled with random ternary codes / int8
+    head). ``kind="fp32"`` / ``"bf16"``: the dense baseline of the same shape (``weights="fp"``).
+    ``depth`` overrides the number of blocks (time a few layers of a big model)."""
+    from .convert.pack import pack
+    from .models import BitNetTransformer
+    from .nn.rotary import RotaryEmbedding
+
+    if kind not in ("packed", "fp32", "bf16"):
+        raise ValueError(f"kind must be packed, fp32 or bf16, got {kind!r}")
+    cfg = dict(shape, max_seq_len=max_seq_len)
+    if depth is not None:
+        cfg["depth"] = depth
+    if kind != "packed":
+        cfg["weights"] = "fp"
+    with torch.device("meta"):
+        model = BitNetTransformer(**cfg)
+    if kind == "packed":
+        pack(model)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.tensor([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], dtype=torch.uint8)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.dtype == torch.uint8:                                    # I2 codes in {0, 1, 2}
+            t.copy_(valid[torch.randint(0, len(valid), t.shape, generator=g)])
+        elif t.dtype == torch.int8:                                   # int8 head
+            t.copy_(torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8))
+        elif t.is_floating_point():
+            if name.endswith("w_scale"):
+                t.fill_(0.02 if t.dim() == 0 else 0.02 / 127 * 3)
+            elif t.dim() == 1:
+                t.fill_(1.0)                                          # norm weights
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.build_tables(torch.device("cpu"))
+    if kind == "bf16":
+        model.to(torch.bfloat16)
+    return model.eval()
+
+
+def decode_bytes_per_token(model: torch.nn.Module, context: int) -> dict:
+    """Bytes read per decoded token: all weights except the embedding table (one row is read), plus the
+    KV cache up to ``context`` tokens."""
+    from .convert.pack import weight_bytes
+
+    wb = weight_bytes(model)
+    emb = model.embed.weight
+    weights = wb["total"] - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    a = model.layers[0].attn
+    cache_el = 2 if emb.dtype == torch.bfloat16 else 4
+    kv = len(model.layers) * 2 * a.kv_heads * a.head_dim * context * cache_el
+    return {"weights": weights, "kv": kv, "total": weights + kv, "resident": wb["total"]}
+
+
+@torch.no_grad()
+def time_decode(model: torch.nn.Module, steps: int = 8, prompt_len: int = 16, prefill_len: int = 128,
+                seed: int = 0) -> dict:
+    """Batch-1 decode and prefill times of ``model``: prefill ``prompt_len`` tokens, then ``steps`` one-token
+    steps (each timed); separately a ``prefill_len``-token prefill (fastest of 2 if quick). Seconds."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.num_tokens
+    prompt = torch.randint(0, n, (1, prompt_len), generator=g)
+    caches = model.new_caches(1, prompt_len + steps + 1)
+    model(prompt, caches=caches, start_pos=0)
+    tok = torch.randint(0, n, (1, 1), generator=g)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        model(tok, caches=caches, start_pos=prompt_len + i)
+        times.append(time.perf_counter() - t0)
+    prefill = []
+    if prefill_len:
+        long = torch.randint(0, n, (1, prefill_len), generator=g)
+        for _ in range(2):
+            c = model.new_caches(1, prefill_len)
+            t0 = time.perf_counter()
+            model(long, caches=c, start_pos=0)
+            prefill.append(time.perf_counter() - t0)
+            if prefill[-1] > 5:
+                break
+    return {"step_min_s": min(times), "step_median_s": statistics.median(times),
+            "prefill_s": min(prefill) if prefill else None, "context": prompt_len + steps // 2}
+
+
+@torch.no_grad()
+def _time_head(model: torch.nn.Module, prefill_len: int) -> tuple[float, float]:
+    """Fastest time of the final norm + head on 1 token and on ``prefill_len`` tokens."""
+    dt = model.embed.weight.dtype
+    x1 = torch.randn(1, 1, model.embed.weight.shape[1]).to(dt)
+    _, t1 = _time(lambda: model.head(model.norm(x1)), 0.3, min_reps=3, max_reps=20)
+    tp = 0.0
+    if prefill_len:
+        xp = torch.randn(1, prefill_len, x1.shape[-1]).to(dt)
+        _, tp = _time(lambda: model.head(model.norm(xp)), 0.0, min_reps=1, max_reps=1)
+    return t1, tp
+
+
+def run_decode_bench(shapes: Sequence[str] = ("small", "bitnetcpp", "2b4t"), kinds: Sequence[str] = ("packed", "fp32", "bf16"),
+                     layers: Optional[int] = None, dense_layers: Optional[int] = 4, steps: int = 8,
+                     prefill_len: int = 128, threads: Optional[int] = None, bandwidth: Optional[dict] = None,
+                     shape_overrides: Optional[dict] = None, log=None) -> list[dict]:
+    """End-to-end batch-1 decode tokens/s, prefill tokens/s and bytes per token of random models.
+
+    Args:
+        shapes: keys of :data:`MODEL_SHAPES` (or of ``shape_overrides``, a dict name -> kwargs).
+        kinds: "packed" (ours: 2-bit layers, int8 head), "fp32", "bf16" (dense baselines, weights="fp").
+        layers: build only this many blocks of every model and extrapolate to the full depth.
+        dense_layers: the same for fp32 / bf16 only (default 4: a dense 2B4T needs ~11 GB); None = full.
+        steps: timed decode steps (fastest and median kept). prefill_len: prompt of the prefill timing.
+        bandwidth: :func:`memory_bandwidth_gbs` result; the bandwidth bound is read_GBps / bytes per token.
+    Returns one dict per (shape, kind): shape, kind, depth, timed_depth, extrapolated, decode_tok_s
+    (fastest step), decode_tok_s_median, prefill_tok_s, bytes_per_token, weight_bytes_per_token,
+    kv_bytes_per_token, resident_bytes, bound_tok_s, fraction_of_bound (None without bandwidth).
+    Extrapolation: per-token time = head time + depth * (time of the timed model - head time) / timed depth.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+        ops.set_num_threads(threads)
+    table = dict(MODEL_SHAPES, **(shape_overrides or {}))
+    rows = []
+    for sname in shapes:
+        shape = table[sname]
+        full_depth = shape["depth"]
+        for kind in kinds:
+            depth = layers if layers is not None else (dense_layers if kind != "packed" else None)
+            depth = min(depth, full_depth) if depth is not None else full_depth
+            t0 = time.perf_counter()
+            model = build_random_model(shape, kind, depth=depth, max_seq_len=max(prefill_len, 64) + steps + 32)
+            build_s = time.perf_counter() - t0
+            r = time_decode(model, steps=steps, prefill_len=prefill_len)
+            step_min, step_med, pre = r["step_min_s"], r["step_median_s"], r["prefill_s"]
+            bpt = decode_bytes_per_token(model, r["context"])
+            extrapolated = depth != full_depth
+            if extrapolated:
+                h1, hp = _time_head(model, prefill_len)
+                scale = full_depth / depth
+                step_min = h1 + (step_min - h1) * scale
+                step_med = h1 + (step_med - h1) * scale
+                if pre is not None:
+                    pre = hp + (pre - hp) * scale
+                # bytes: blocks scale with depth; head / norm / one embedding row do not
+                per_block_w = (bpt["weights"] - _head_bytes(model)) / depth
+                bpt = {"weights": int(_head_bytes(model) + per_block_w * full_depth),
+                       "kv": int(bpt["kv"] * scale),
+                       "resident": int(bpt["resident"] + (bpt["weights"] - _head_bytes(model)) * (scale - 1))}
+                bpt["total"] = bpt["weights"] + bpt["kv"]
+            tok_s = 1.0 / step_min
+            bound = bandwidth["read_GBps"] * 1e9 / bpt["total"] if bandwidth else None
+            row = {"shape": sname, "kind": kind, "depth": full_depth, "timed_depth": depth,
+                   "extrapolated": extrapolated, "decode_tok_s": tok_s, "decode_tok_s_median": 1.0 / step_med,
+                   "prefill_tok_s": (prefill_len / pre) if pre else None, "prefill_len": prefill_len,
+                   "bytes_per_token": bpt["total"], "weight_bytes_per_token": bpt["weights"],
+                   "kv_bytes_per_token": bpt["kv"], "resident_bytes": bpt["resident"],
+                   "bound_tok_s": bound, "fraction_of_bound": (tok_s / bound) if bound else None,
+                   "build_s": build_s, "threads": ops.get_num_threads(), "torch_threads": torch.get_num_threads()}
+            rows.append(row)
+            if log is not None:
+                print_decode_bench([row], header=False, file=log)
+            del model
+    return rows
+
+
+def _head_bytes(model) -> int:
+    h = model.head
+    return sum(t.numel() * t.element_size() for t in list(h.parameters()) + list(h.buffers())) + sum(
+        t.numel() * t.element_size() for t in model.norm.parameters())
+
+
+def print_decode_bench(rows: list[dict], bandwidth: Optional[dict] = None, header: bool = True, file=None) -> None:
+    """Print the rows of :func:`run_decode_bench`."""
+    pr = (lambda *a: print(*a, file=file, flush=True))
+    if header:
+        info = ops.native_info()
+        pr(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); native threads {info['threads']}, torch threads "
+           f"{torch.get_num_threads()}, isa {info['isa']}")
+        if bandwidth:
+            pr(f"memory bandwidth probe: read {bandwidth['read_GBps']:.1f} GB/s, copy {bandwidth['copy_GBps']:.1f} GB/s")
+        pr("decode: batch 1, fastest step (median in brackets); bound = read bandwidth / bytes per token "
+           "(weights read per token incl. head + KV cache); '*' = timed with fewer layers, per-layer cost "
+           "extrapolated to full depth (head timed separately)")
+        pr(f"{'shape':>9} {'kind':>6} {'layers':>7} | {'tok/s':>6} {'(med)':>7} | {'MB/tok':>7} {'resident MB':>11} | "
+           f"{'bound':>6} {'frac':>5} | {'prefill tok/s':>13}")
+    for r in rows:
+        lay = f"{r['timed_depth']}/{r['depth']}" + ("*" if r["extrapolated"] else "")
+        bound = f"{r['bound_tok_s']:6.1f}" if r["bound_tok_s"] else f"{'-':>6}"
+        frac = f"{r['fraction_of_bound']:5.0%}" if r["fraction_of_bound"] else f"{'-':>5}"
+        pre = f"{r['prefill_tok_s']:13.1f}" if r["prefill_tok_s"] else f"{'-':>13}"
+        pr(f"{r['shape']:>9} {r['kind']:>6} {lay:>7} | {r['decode_tok_s']:6.2f} ({r['decode_tok_s_median']:5.2f}) | "
+           f"{r['bytes_per_token'] / 1e6:7.1f} {r['resident_bytes'] / 1e6:11.1f} | {bound} {frac} | {pre}")

@@ -12,11 +12,13 @@ import sys
 
 SUBCOMMANDS = [
     "bitnet.train.cli",        # bitnet train
+    "bitnet.train.compare",    # bitnet compare
     "bitnet.generate.cli",     # bitnet generate
     "bitnet.serve.cli",        # bitnet serve
     "bitnet.chat",             # bitnet chat
     "bitnet.evaluate",         # bitnet eval
     "bitnet.convert.cli",      # bitnet pack
+    "bitnet.bench_cli",
 ]
 
 

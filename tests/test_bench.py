@@ -1,0 +1,43 @@
+"""bitnet.bench on tiny shapes: the functions run and return sane rows (no timing assertions)."""
+
+import torch
+
+from bitnet import bench
+from bitnet.nn import Int8Linear, PackedBitLinear
+
+TINY = {"tiny": dict(num_tokens=200, dim=64, depth=3, heads=4, kv_heads=2, ff_mult=2)}
+
+
+def test_build_random_packed_model():
+    model = bench.build_random_model(TINY["tiny"], "packed", max_seq_len=64)
+    assert isinstance(model.head, Int8Linear) and isinstance(model.layers[0].ffn.down, PackedBitLinear)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert int(model.layers[0].ffn.down.w_packed.max()) < 255
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 200, (1, 5)))).all()
+
+
+def test_run_decode_bench_rows():
+    bw = {"read_GBps": 10.0, "copy_GBps": 10.0}
+    rows = bench.run_decode_bench(shapes=["tiny"], kinds=["packed", "fp32", "bf16"], layers=2, steps=2,
+                                  prefill_len=8, bandwidth=bw, shape_overrides=TINY)
+    assert [r["kind"] for r in rows] == ["packed", "fp32", "bf16"]
+    for r in rows:
+        assert r["extrapolated"] and r["timed_depth"] == 2 and r["depth"] == 3
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["bound_tok_s"] > 0
+        assert r["bytes_per_token"] == r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
+    packed, fp32, bf16 = rows
+    assert packed["weight_bytes_per_token"] < bf16["weight_bytes_per_token"] < fp32["weight_bytes_per_token"]
+    bench.print_decode_bench(rows, bw)
+
+
+def test_kernel_bench_tiny():
+    rows = bench.run_kernel_bench(batches=(1,), shapes=((16, 130),), budget_s=0.0, bf16=False)
+    assert rows[0]["N"] == 16 and rows[0]["ours_min_ms"] > 0
+
+
+def test_cli_bench_parser():
+    from bitnet.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--no-kernels", "--shapes", "small", "--layers", "1"])
+    assert args.layers == 1 and args.func is not None and args.kinds == "packed,fp32,bf16"

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .quant import pack_i2
+from .convert.pack import native_decode, torch_threads
 
 BITNET_2B4T_SHAPES = ((2560, 2560), (640, 2560), (6912, 2560), (2560, 6912))
 """(N, K) of the linear layers of BitNet-b1.58-2B-4T: q/o, k/v, gate/up, down."""
@@ -247,6 +248,11 @@ def time_decode(model: torch.nn.Module, steps: int = 8, prompt_len: int = 16, pr
                 seed: int = 0) -> dict:
     """Batch-1 decode and prefill times of ``model``: prefill ``prompt_len`` tokens, then ``steps`` one-token
     steps (each timed); separately a ``prefill_len``-token prefill (fastest of 2 if quick). Seconds."""
+    with torch_threads(1 if native_decode(model) else None):
+        return _time_decode(model, steps, prompt_len, prefill_len, seed)
+
+
+def _time_decode(model, steps, prompt_len, prefill_len, seed) -> dict:
     g = torch.Generator().manual_seed(seed)
     n = model.num_tokens
     prompt = torch.randint(0, n, (1, prompt_len), generator=g)

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..convert.pack import native_decode, torch_threads
 from .sampling import check_sampling_args, sample_next_token
 
 FINISH_REASONS = ("length", "stop", "max_seq_len")
@@ -125,9 +126,15 @@ def stream_generate(
 
     # Each model call runs in its own inference_mode block: a block spanning a ``yield`` would leave
     # grad mode switched off in the caller's code between tokens.
+    torch_threads_inside = 1 if native_decode(model) else None   # see bitnet.convert.pack.torch_threads
+
     @torch.inference_mode()
     def next_token(pos: int) -> int:
         """Sample the token at ``pos`` given seq[:pos]; the model sees the window seq[start:pos]."""
+        with torch_threads(torch_threads_inside):
+            return _next_token(pos)
+
+    def _next_token(pos: int) -> int:
         if pos - state["start"] > max_seq_len:          # window full: keep the last ``keep`` tokens
             state["start"], state["caches"], state["filled"] = pos - keep, None, 0
         start = state["start"]

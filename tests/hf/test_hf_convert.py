@@ -60,3 +60,16 @@ def test_quant_strength_schedule_and_callback():
     assert logs["quant_strength"] == 1.0
     with pytest.raises(ValueError, match="warmup_steps"):
         convert_hf_to_bitnet(tiny_llama(), warmup_steps=-1)
+
+
+def test_dequantised_gguf_model_becomes_trainable():
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.trainer_utils import validate_quantization_for_training
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = tiny_llama()
+    model.hf_quantizer, model.is_quantized = GgufHfQuantizer(GgufConfig(gguf_file="m.gguf")), True
+    with pytest.raises(ValueError):
+        validate_quantization_for_training(model)                  # what the Trainer refuses
+    convert_hf_to_bitnet(model, warmup_steps=2)
+    validate_quantization_for_training(model)

@@ -83,6 +83,7 @@ def _drop_dequantized_gguf_quantizer(model: nn.Module) -> None:
     hq = getattr(model, "hf_quantizer", None)
     if hq is not None and type(hq).__name__ == "GgufHfQuantizer":
         model.hf_quantizer = None
+        model.is_quantized = False
         if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
             model.config.quantization_config = None
 

@@ -17,6 +17,7 @@ _FIELDS = {
     "eval_every": "eval_every", "eval_batches": "eval_batches", "save_every": "save_every",
     "log_every": "log_every", "seed": "seed", "bits": "bits", "val_fraction": "val_fraction",
     "max_time": "max_time", "stop_at": "stop_at", "activation": "activation", "threads": "threads",
+    "fsdp": "fsdp",
 }
 
 
@@ -25,12 +26,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train", help="train a BitNet transformer on bytes",
         description="Train a byte-level BitNetTransformer (paper recipe: AdamW (0.9, 0.95), warmup, two-stage "
                     "LR / weight decay). Unset flags take TrainConfig defaults.")
+    add_train_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings, "
+                                                         "overridden by the flags given)")
+    p.set_defaults(func=run)
+    return p
+
+
+def add_train_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    """The TrainConfig flags (shared with ``bitnet compare``, which sets --weights itself)."""
     p.add_argument("--data", nargs="+",
                    help="'default' (embedded KJV Bible, else Python stdlib source), 'kjv', 'stdlib', "
                         "an enwik8 file (.gz/.zip ok), text file(s) or a folder")
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
-    p.add_argument("--weights", choices=WEIGHTS_CHOICES, help="1.58 ternary (default), 1 binary, fp baseline")
+    if not compare:
+        p.add_argument("--weights", choices=WEIGHTS_CHOICES, help="1.58 ternary (default), 1 binary, fp baseline")
     p.add_argument("--bits", type=int, help="activation bits (default 8)")
     p.add_argument("--dim", type=int)
     p.add_argument("--depth", type=int)
@@ -56,24 +67,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, help="stop (with a checkpoint) after this many seconds of training")
     p.add_argument("--stop-at", type=int, help="stop after this step without changing the schedule")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings, "
-                                                         "overridden by the flags given)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                        "(torch.distributed.fsdp.fully_shard) instead of replicating them (DDP)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no loss.png")
-    p.set_defaults(func=run)
-    return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, config_from_run, train
-
-    given = {field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None}
+def config_kwargs(args: argparse.Namespace) -> dict:
+    """TrainConfig keyword arguments for the flags that were given."""
+    given = {field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag, None) is not None}
     if "data" in given:                                   # one spec, or several text files joined
         given["data"] = given["data"][0] if len(given["data"]) == 1 else list(given["data"])
     if args.no_progress:
         given["progress"] = False
     if args.no_plot:
         given["plot"] = False
+    return given
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, config_from_run, train
+
+    given = config_kwargs(args)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out, the run folder to continue")
@@ -83,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given)
     result = train(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    if result.get("rank", 0) == 0:                        # under torchrun only rank 0 reports
+        print(json.dumps(result, indent=2, default=str))
     return 0

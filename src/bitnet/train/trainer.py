@@ -9,6 +9,14 @@ One run folder holds everything (see :mod:`bitnet.io` for the checkpoint files):
 ``resume=True`` continues a run from its folder: model, optimizer, step, RNG states (torch and the
 data sampler) are restored and the schedule goes on where it stopped, so a run split by
 ``stop_at`` + resume ends with the same weights as an uninterrupted one (on the same device).
+
+Several processes (``torchrun --nproc_per_node=N -m bitnet train ...``; RANK / WORLD_SIZE set): the
+process group is initialised (gloo on CPU, nccl on CUDA, one GPU per LOCAL_RANK) and the model is wrapped
+in DistributedDataParallel, or sharded with FSDP2 ``fully_shard`` when ``fsdp=True``. Every rank draws
+its own random windows (data generator seeded by ``seed`` and the rank), so a step sees
+``world_size * batch_size * grad_accum`` sequences; validation batches are split over the ranks and the
+loss all-reduced. Only rank 0 logs, writes log.csv / loss.png and the checkpoint (a full, unsharded one,
+the same format as a single-process run); every rank's RNG state is saved so resume stays exact.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -85,6 +94,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None             # torch CPU threads (None: torch's default)
     amp: str = "auto"                      # "auto" (bf16 on CUDA), "bf16", "off"
+    fsdp: bool = False                     # under torchrun: shard with FSDP (fully_shard) instead of DDP
     seed: int = 0
     resume: bool = False
     stop_at: int | None = None             # stop after this step (schedule unchanged); resume later
@@ -129,18 +139,150 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: TrainConfig, device, autocast) -> float:
-    """Mean validation loss (nats/token) on ``eval_batches`` fixed windows (same windows every call)."""
+def evaluate(model: nn.Module, data, cfg: TrainConfig, device, autocast, *, dist_ctx: "_Dist | None" = None,
+             forward=None) -> float:
+    """Mean validation loss (nats/token) on ``eval_batches`` fixed windows (same windows every call).
+
+    Distributed (``dist_ctx``): batch ``i`` is evaluated by rank ``i % world_size`` and the sum all-reduced;
+    with FSDP (every rank must run every forward) all ranks evaluate all batches through ``forward``."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    world = 1 if dist_ctx is None else dist_ctx.world
+    split = world > 1 and not dist_ctx.fsdp
     total = 0.0
-    for _ in range(cfg.eval_batches):
-        x, y = get_batch(data, cfg.batch_size, cfg.seq_len, gen, device)
+    for i in range(cfg.eval_batches):
+        x, y = get_batch(data, cfg.batch_size, cfg.seq_len, gen, device)   # always drawn: same windows
+        if split and i % world != dist_ctx.rank:
+            continue
         with autocast():
-            total += float(model.loss(x, y))
+            total += float(model.loss(x, y) if forward is None else forward(x, y))
     model.train(was_training)
+    if split:
+        total = dist_ctx.sum(total)
     return total / cfg.eval_batches
+
+
+class _LossFn(nn.Module):
+    """``forward(x, y) = model.loss(x, y)``: the module DDP / FSDP wrap (their hooks run on forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x, y)
+
+
+@dataclass
+class _Dist:
+    """The process group of a torchrun launch (or one initialised by the caller)."""
+
+    rank: int
+    world: int
+    fsdp: bool
+    owned: bool                          # initialised here: destroyed at the end of train()
+
+    def sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def any(self, flag: bool) -> bool:
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def broadcast(self, obj):
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple["_Dist | None", torch.device]:
+    """Join the torchrun process group when RANK / WORLD_SIZE are set (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not (dist.is_available() and (launched or dist.is_initialized())):
+        if cfg.fsdp:
+            raise ValueError("fsdp=True needs several processes: launch with "
+                             "torchrun --nproc_per_node=N -m bitnet train --fsdp ...")
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"distributed training supports cpu (gloo) and cuda (nccl), not {device.type}")
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), bool(cfg.fsdp), owned), device
+
+
+def _fsdp_wrap(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> tuple:
+    """Shard ``model`` (each transformer layer, then the rest) with FSDP2; move ``optimizer``'s state over."""
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:                                    # pragma: no cover - old torch
+        raise RuntimeError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from e
+    wrapper = _LossFn(model)
+    full_osd = _optim_state_by_name(wrapper, optimizer) if optimizer.state else None
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(wrapper)
+    sharded_opt = make_optimizer(model, cfg)
+    if full_osd is not None:
+        set_optimizer_state_dict(wrapper, sharded_opt, full_osd,
+                                 options=StateDictOptions(full_state_dict=True))
+    return wrapper, sharded_opt
+
+
+def _optim_state_by_name(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A plain optimizer's state dict keyed by ``module``'s parameter names (the "full" DCP format)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {order[i]: v for i, v in sd["state"].items()}, "param_groups": groups}
+
+
+def _fsdp_full_copy(wrapper: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, rank: int):
+    """Gather the sharded model and optimizer (a collective); rank 0 gets plain CPU copies, others None."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(wrapper, options=opts)
+    osd = get_optimizer_state_dict(wrapper, optimizer, options=opts)
+    if rank != 0:
+        return None, None
+    copy = _LossFn(BitNetTransformer(**wrapper.model.config))
+    copy.load_state_dict(msd)
+    opt = make_optimizer(copy.model, cfg)
+    names = {id(p): n for n, p in copy.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    index = {n: i for i, n in enumerate(order)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    opt.load_state_dict({"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups})
+    return copy.model, opt
 
 
 def _rng_states(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -230,19 +372,53 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     cfg.validate()
     device = resolve_device(cfg.device)
+    dist_ctx, device = _init_distributed(cfg, device)
+    try:
+        return _train(cfg, device, dist_ctx)
+    finally:
+        if dist_ctx is not None and dist_ctx.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> dict:
+    rank, world = (0, 1) if dist_ctx is None else (dist_ctx.rank, dist_ctx.world)
+    main = rank == 0
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise ValueError(f"threads must be >= 1, got {cfg.threads!r}")
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist_ctx is not None:
+        run_dir = Path(dist_ctx.broadcast(str(run_dir)))     # one folder for all ranks (default: a timestamp)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = ByteTokenizer()
     corpus: Corpus = load_corpus(cfg.data, cfg.val_fraction, cfg.patterns)
     model, optimizer, start, state, rng = _build(cfg, run_dir, device, tokenizer)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    params = sum(p.numel() for p in model.parameters())
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)     # each rank its own windows
     if rng is not None:
+        if rank:
+            rng = {k: rng[f"{k}.rank{rank}"] for k in ("data", "torch", "cuda") if f"{k}.rank{rank}" in rng}
+            if "data" not in rng:
+                raise ValueError(f"{run_dir}: the checkpoint has no RNG state for rank {rank}; resume it with "
+                                 "the number of processes that saved it")
         _restore_rng(rng, data_gen, device)
+    if dist_ctx is not None:
+        dist_ctx.barrier()                                   # every rank has read the checkpoint (if any)
+    engine = model.loss                                      # what the loop calls: engine(x, y) -> loss
+    wrapped = None
+    if dist_ctx is not None and cfg.fsdp:
+        wrapped, optimizer = _fsdp_wrap(model, optimizer, cfg)
+        engine = wrapped
+    elif dist_ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(_LossFn(model), device_ids=[device.index] if device.type == "cuda" else None)
+        engine = wrapped
     seq_len = model.config["max_seq_len"]
     if seq_len != cfg.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} differs from the checkpoint's max_seq_len={seq_len}")
@@ -252,40 +428,62 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
                              else cfg.warmup_steps, cfg.stage_split, cfg.stage2_lr_ratio, cfg.min_lr_ratio,
                              cfg.weight_decay)
     end = cfg.stop_at or cfg.steps
-    params = sum(p.numel() for p in model.parameters())
-    log = _CSVLog(run_dir / "log.csv")
+    log = _CSVLog(run_dir / "log.csv") if main else None
     elapsed0 = float(state.get("elapsed", 0.0))
     tokens_seen = int(state.get("tokens_seen", 0))
     val_loss = state.get("val_loss")
     initial_val = state.get("initial_val_loss")
     t_start = time.time()
     train_time, train_tokens = 0.0, 0
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    fsdp_forward = engine if dist_ctx is not None and cfg.fsdp else None
+
+    def val() -> float:
+        return evaluate(model, corpus.val, cfg, device, autocast, dist_ctx=dist_ctx, forward=fsdp_forward)
 
     def elapsed() -> float:
         return elapsed0 + time.time() - t_start
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, collective: bool = True) -> None:
+        """Rank 0 writes; distributed, every rank must call it (RNG states gathered, FSDP unsharded)."""
         train_state = dict(step=step, tokens_seen=tokens_seen, elapsed=elapsed(), val_loss=val_loss,
                            val_bpb=None if val_loss is None else val_loss / math.log(2),
-                           initial_val_loss=initial_val, data=corpus.name)
-        save_checkpoint(run_dir, model, optimizer, train_state=train_state, train_config=cfg.to_dict(),
-                        tokenizer=tokenizer, rng_states=_rng_states(data_gen, device))
+                           initial_val_loss=initial_val, data=corpus.name, world_size=world)
+        rng_states = _rng_states(data_gen, device)
+        save_model, save_opt = model, optimizer
+        if dist_ctx is not None and collective:
+            for r, states in enumerate(dist_ctx.gather({k: v.cpu() for k, v in rng_states.items()})):
+                if r:
+                    rng_states.update({f"{k}.rank{r}": v for k, v in states.items()})
+            if cfg.fsdp:
+                save_model, save_opt = _fsdp_full_copy(wrapped, optimizer, cfg, rank)
+        elif dist_ctx is not None and cfg.fsdp:
+            return                                           # no collectives possible: nothing to save
+        if main:
+            save_checkpoint(run_dir, save_model, save_opt, train_state=train_state, train_config=cfg.to_dict(),
+                            tokenizer=tokenizer, rng_states=rng_states)
+        if dist_ctx is not None and collective:
+            dist_ctx.barrier()
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0,
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), dynamic_ncols=True, mininterval=1.0,
                desc=f"train {cfg.weights}")
 
     def say(msg: str) -> None:                      # messages on stderr: stdout stays for results
-        bar.write(msg, file=sys.stderr)
-    say(f"bitnet train: {corpus!r}, {params / 1e6:.2f}M params, device {device}, "
+        if main:
+            bar.write(msg, file=sys.stderr)
+    mode = "" if dist_ctx is None else f", {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})"
+    say(f"bitnet train: {corpus!r}, {params / 1e6:.2f}M params, device {device}{mode}, "
               f"{'bf16 autocast' if use_amp else 'fp32'}, run folder {run_dir}")
     if start == 0:
-        val_loss = initial_val = evaluate(model, corpus.val, cfg, device, autocast)
-        log.write(step=0, lr=0.0, val_loss=f"{val_loss:.4f}", val_bpb=f"{val_loss / math.log(2):.4f}", elapsed=0.0)
+        val_loss = initial_val = val()
+        if main:
+            log.write(step=0, lr=0.0, val_loss=f"{val_loss:.4f}", val_bpb=f"{val_loss / math.log(2):.4f}", elapsed=0.0)
         say(f"step 0: val loss {val_loss:.4f}, {val_loss / math.log(2):.3f} bpb")
     model.train()
+    if wrapped is not None:
+        wrapped.train()
     running, n_running, step, stopped = 0.0, 0, start, "steps"
     train_loss = float("nan")
     try:
@@ -296,14 +494,23 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
                 g["lr"] = lr
             optimizer.param_groups[0]["weight_decay"] = sched.wd(step)
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
-                with autocast():
-                    loss = model.loss(x, y)
-                (loss / cfg.grad_accum).backward()
+                sync = micro == cfg.grad_accum - 1                  # all-reduce gradients once per step
+                no_sync = contextlib.nullcontext()
+                if wrapped is not None and cfg.fsdp:
+                    wrapped.set_requires_gradient_sync(sync)
+                elif wrapped is not None and not sync:
+                    no_sync = wrapped.no_sync()
+                with no_sync:
+                    with autocast():
+                        loss = engine(x, y)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
+            if dist_ctx is not None:
+                loss_sum = dist_ctx.sum(loss_sum) / world                 # the mean over the ranks
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_((wrapped or model).parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -320,14 +527,16 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             out_of_time = cfg.max_time is not None and train_time >= cfg.max_time and done < end
+            if dist_ctx is not None and cfg.max_time is not None:
+                out_of_time = dist_ctx.any(out_of_time)                  # all ranks stop together
             last = done == end or out_of_time                   # evaluate and log the last step of every call
             is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or last)
             row_val = None
             if is_eval:
-                val_loss = row_val = evaluate(model, corpus.val, cfg, device, autocast)
+                val_loss = row_val = val()
                 say(f"step {done}: train loss {running / n_running:.4f}, val loss {val_loss:.4f}, "
                           f"{val_loss / math.log(2):.3f} bpb, {tps:,.0f} tok/s, lr {lr:.2e}")
-            if is_eval or done % cfg.log_every == 0 or last:
+            if main and (is_eval or done % cfg.log_every == 0 or last):
                 log.write(step=done, lr=f"{lr:.6g}", train_loss=f"{running / n_running:.4f}",
                           val_loss=None if row_val is None else f"{row_val:.4f}",
                           val_bpb=None if row_val is None else f"{row_val / math.log(2):.4f}",
@@ -344,19 +553,25 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
             stopped = "steps" if end == cfg.steps else "stop_at"
     except KeyboardInterrupt:
         say(f"interrupted: saving a checkpoint at step {step} in {run_dir}")
-        checkpoint(step)
-        log.close()
+        checkpoint(step, collective=False)                 # other ranks may be gone: rank 0 saves alone
+        if log is not None:
+            log.close()
         bar.close()
         raise
     bar.close()
     if step > start or start == 0:
         checkpoint(step)
-    log.close()
-    plot = plot_log(run_dir / "log.csv", run_dir / "loss.png") if cfg.plot else None
-    return dict(run_dir=str(run_dir), steps=step, stopped=stopped, final_train_loss=train_loss,
-                final_val_loss=val_loss, final_val_bpb=None if val_loss is None else val_loss / math.log(2),
-                initial_val_loss=initial_val, tokens_per_s=train_tokens / max(train_time, 1e-9),
-                elapsed=elapsed(), params=params, plot=None if plot is None else str(plot))
+    plot = None
+    if main:
+        log.close()
+        plot = plot_log(run_dir / "log.csv", run_dir / "loss.png") if cfg.plot else None
+    result = dict(run_dir=str(run_dir), steps=step, stopped=stopped, final_train_loss=train_loss,
+                  final_val_loss=val_loss, final_val_bpb=None if val_loss is None else val_loss / math.log(2),
+                  initial_val_loss=initial_val, tokens_per_s=train_tokens / max(train_time, 1e-9),
+                  elapsed=elapsed(), params=params, plot=None if plot is None else str(plot))
+    if dist_ctx is not None:
+        result.update(rank=rank, world_size=world, parallel="fsdp" if cfg.fsdp else "ddp")
+    return result
 
 
 def config_from_run(run_dir, **overrides: Any) -> TrainConfig:

@@ -99,11 +99,9 @@ def test_bitnet_eval_command(model, tmp_path):
 
 # --------------------------------------------------------------------------------------------- lm-eval
 
-lm_eval = pytest.importorskip("lm_eval")
-
-
 @pytest.fixture(scope="module")
 def lm(model):
+    pytest.importorskip("lm_eval")                    # the 'eval' extra
     from bitnet.lm_eval_adapter import BitNetLM
 
     return BitNetLM(model=model, tokenizer=ByteTokenizer(), batch_size=3, max_gen_toks=10)

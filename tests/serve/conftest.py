@@ -6,16 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from bitnet import BitNetTransformer
+from bitnet.generate import BitNetInference
+from bitnet.io import save_checkpoint
+from bitnet.serve import Engine
+from bitnet.tokenizer import ByteTokenizer
 
-from bitnet import BitNetTransformer  # noqa: E402
-from bitnet.generate import BitNetInference  # noqa: E402
-from bitnet.io import save_checkpoint  # noqa: E402
-from bitnet.serve import Engine  # noqa: E402
-from bitnet.serve.app import create_app  # noqa: E402
-from bitnet.serve.server import ServerThread  # noqa: E402
-from bitnet.tokenizer import ByteTokenizer  # noqa: E402
+
+def http_parts():
+    """create_app and ServerThread, or skip the test when the 'serve' extra (FastAPI, uvicorn) is missing."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from bitnet.serve.app import create_app
+    from bitnet.serve.server import ServerThread
+
+    return create_app, ServerThread
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +49,7 @@ def inference(model_dir):
 @pytest.fixture(scope="session")
 def server(inference):
     """A running server with 4 slots (session-wide: starting one costs ~0.5 s)."""
+    create_app, ServerThread = http_parts()
     engine = Engine(inference.model, inference.tokenizer, slots=4, max_queue=32)
     with ServerThread(create_app(engine, "tiny")) as srv:
         srv.engine = engine
@@ -68,6 +74,7 @@ class SlowModel(nn.Module):
 
 @pytest.fixture
 def slow_server(inference):
+    create_app, ServerThread = http_parts()
     engine = Engine(SlowModel(inference.model), inference.tokenizer, slots=2, max_queue=2)
     with ServerThread(create_app(engine, "slow")) as srv:
         srv.engine = engine

@@ -2,8 +2,9 @@
 
 import shutil
 
-import httpx
 import pytest
+
+httpx = pytest.importorskip("httpx")
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

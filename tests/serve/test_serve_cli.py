@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 
 
 def free_port() -> int:

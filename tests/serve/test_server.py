@@ -4,14 +4,16 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
 
 from bitnet.chat import format_chat
 from bitnet.generate import generate
 from bitnet.serve import Request, SamplingParams
 
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 
 def wait_for(cond, timeout=20.0, what="condition"):
@@ -197,6 +199,7 @@ def test_bad_chat_requests_through_the_openai_client(server):
 
 def test_full_queue_answers_429(inference):
     from bitnet.serve import Engine
+
     from bitnet.serve.app import create_app
     from bitnet.serve.server import ServerThread
 

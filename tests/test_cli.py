@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from bitnet.cli import SUBCOMMANDS, build_parser, main
 from bitnet.generate import BitNetInference
@@ -32,7 +31,6 @@ def test_train_resume_generate_through_the_cli(tmp_path, capsys):
     assert (run / "model.safetensors").is_file() and (run / "optimizer.safetensors").is_file()
 
     # in-process from here on (each python start costs seconds of torch import on a busy CI box)
-    torch.set_num_threads(1)
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--no-plot"]) == 0   # settings come from the run
     result = json.loads(capsys.readouterr().out)
@@ -68,7 +66,6 @@ def test_cli_registry_and_errors(tmp_path, capsys):
 
 
 def test_train_on_several_files(tmp_path, capsys):
-    torch.set_num_threads(1)
     files = []
     for i in range(2):
         files.append(tmp_path / f"part{i}.txt")

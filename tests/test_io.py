@@ -9,14 +9,6 @@ import bitnet
 from bitnet.io import CheckpointError, load_model, load_optimizer, save_checkpoint, save_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     torch.manual_seed(0)
     cfg = dict(num_tokens=64, dim=32, depth=2, heads=4, kv_heads=2, max_seq_len=16)

@@ -23,15 +23,6 @@ def http_parts():
     return create_app, ServerThread
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-core CI: one intra-op thread avoids oversubscription between the engine and the clients
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)

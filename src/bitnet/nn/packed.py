@@ -68,7 +68,7 @@ class PackedBitLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         y = ops.bitlinear_packed(x, self.w_packed, self.w_scale, self.in_features, self.bias, self.bits)
-        return y.to(x.dtype) if x.dtype != y.dtype else y
+        return y.to(x.dtype)                                               # no-op for float32 inputs
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -2,6 +2,7 @@
 // work splitting over the thread pool, float epilogue. See bitnet_native.h.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -335,6 +336,45 @@ float act_scale(float amax, float eps, int qp) {
   return r * (float)qp;
 }
 
+// Per-token absmax quantisation of x (M, K) float32 into the kernel layout of xb; xs[m] = scale.
+// With norm_weight, each row is first RMS-normalised as bitnet.nn.RMSNorm does in float32:
+//   y = (x * rsqrt(mean(x^2) + norm_eps)) * norm_weight
+void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                   const float* norm_weight, float norm_eps, XBuf& xb, float* xs) {
+  prepare(xb, M, K, k);
+  const int qp = (1 << (bits - 1)) - 1;
+  const bool inter = k.pair_interleave != 0;
+  if (inter && (int64_t)xb.tmp.size() < M * K) xb.tmp.resize((size_t)(M * K));
+  int8_t* tmp_all = xb.tmp.data();
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    std::vector<float> normed(norm_weight ? (size_t)K : 0);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * ldx;
+      if (norm_weight) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < K; ++i) ss += (double)xr[i] * (double)xr[i];
+        const float r = 1.0f / std::sqrt((float)(ss / (double)K) + norm_eps);
+        for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
+        xr = normed.data();
+      }
+      const float s = act_scale(k.absmax(xr, K), eps, qp);
+      xs[m] = s;
+      int8_t* dst = xb.x.data() + m * xb.ldx;
+      if (!inter) {
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
+        std::memset(dst + K, 0, (size_t)(xb.ldx - K));
+        int32_t sum = 0;
+        for (int64_t i = 0; i < K; ++i) sum += dst[i];
+        xb.sum[m] = sum;
+      } else {
+        int8_t* t = tmp_all + m * K;
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, t);
+        xb.sum[m] = place_row(t, K, dst, xb.ldx, true);
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace bitnet
 
@@ -423,46 +463,57 @@ int bitnet_quantize_act(const float* x, int64_t M, int64_t K, int64_t ldx, int b
 
 int bitnet_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps, const uint8_t* w,
                      int64_t N, int64_t ldw, float w_scale, const float* bias, float* out, int64_t ldo, int isa) {
-  int rc = check_dims(M, K, ldx, N, ldw, ldo);
+  const float* scales[1] = {&w_scale};
+  return bitnet_bitlinear_multi(x, M, K, ldx, bits, eps, nullptr, 0.0f, 1, &w, &N, ldw, scales, &bias, out, ldo, isa);
+}
+
+int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                           const float* norm_weight, float norm_eps, int nmat, const uint8_t* const* w,
+                           const int64_t* n, int64_t ldw, const float* const* w_scale, const float* const* bias,
+                           float* out, int64_t ldo, int isa) {
+  if (nmat < 1 || bits < 2 || bits > 8 || !(norm_eps >= 0.0f)) return BITNET_EINVAL;
+  int64_t total = 0;
+  for (int j = 0; j < nmat; ++j) {
+    if (n[j] < 0) return BITNET_EINVAL;
+    total += n[j];
+  }
+  int rc = check_dims(M, K, ldx, total, ldw, ldo);
   if (rc) return rc;
-  if (bits < 2 || bits > 8) return BITNET_EINVAL;
   Kernel k;
   if ((rc = resolve_isa(isa, &k))) return rc;
-  if (M == 0 || N == 0) return BITNET_OK;
-  const int qp = (1 << (bits - 1)) - 1;
+  if (M == 0 || total == 0) return BITNET_OK;
   XBuf& xb = scratch();
-  prepare(xb, M, K, k);
   std::vector<float> xs((size_t)M);
-  const bool inter = k.pair_interleave != 0;
-  int8_t* tmp_all = nullptr;
-  if (inter) {
-    if ((int64_t)xb.tmp.size() < M * K) xb.tmp.resize((size_t)(M * K));
-    tmp_all = xb.tmp.data();
+  quantize_rows(k, x, M, K, ldx, bits, eps, norm_weight, norm_eps, xb, xs.data());
+  const int64_t nblk = round_up(K, 128) / 128;
+  std::vector<GemmArgs> args;
+  std::vector<Epilogue> epis;
+  int64_t off = 0;
+  for (int j = 0; j < nmat; ++j) {
+    args.push_back(GemmArgs{xb.x.data(), xb.ldx, xb.sum.data(), w[j], ldw, nblk,
+                            reinterpret_cast<int32_t*>(out) + off, ldo});
+    Epilogue e;
+    e.to_float = true; e.x_scale = xs.data(); e.w_scale = *w_scale[j]; e.bias = bias[j];
+    epis.push_back(e);
+    off += n[j];
   }
-  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = x + m * ldx;
-      const float s = act_scale(k.absmax(xr, K), eps, qp);
-      xs[m] = s;
-      int8_t* dst = xb.x.data() + m * xb.ldx;
-      if (!inter) {
-        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
-        std::memset(dst + K, 0, (size_t)(xb.ldx - K));
-        int32_t sum = 0;
-        for (int64_t i = 0; i < K; ++i) sum += dst[i];
-        xb.sum[m] = sum;
-      } else {
-        int8_t* t = tmp_all + m * K;
-        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, t);
-        xb.sum[m] = place_row(t, K, dst, xb.ldx, true);
-      }
-    }
+  if (M > 3 || pool()->size() == 1 || M * total * nblk < 4096) {
+    for (int j = 0; j < nmat; ++j) run_gemm(k, args[(size_t)j], M, n[j], epis[(size_t)j]);
+    return BITNET_OK;
+  }
+  // Decode: one parallel region over row chunks of all matrices (one wake-up of the pool per call).
+  const int64_t nthreads = pool()->size();
+  const int64_t chunk = std::max<int64_t>(16, round_up((total + nthreads * 4 - 1) / (nthreads * 4), 8));
+  struct Task { int j; int64_t n0, n1; };
+  std::vector<Task> tasks;
+  for (int j = 0; j < nmat; ++j)
+    for (int64_t r = 0; r < n[j]; r += chunk) tasks.push_back(Task{j, r, std::min(n[j], r + chunk)});
+  parallel_for((int64_t)tasks.size(), [&](int64_t t) {
+    const Task& tk = tasks[(size_t)t];
+    const GemmArgs& a = args[(size_t)tk.j];
+    k.gemm(a, 0, M, tk.n0, tk.n1);
+    apply_epilogue(epis[(size_t)tk.j], a.out, a.ldo, 0, M, tk.n0, tk.n1);
   });
-  Epilogue e;
-  e.to_float = true; e.x_scale = xs.data(); e.w_scale = w_scale; e.bias = bias;
-  const GemmArgs a{xb.x.data(), xb.ldx, xb.sum.data(), w, ldw, round_up(K, 128) / 128,
-                   reinterpret_cast<int32_t*>(out), ldo};
-  run_gemm(k, a, M, N, e);
   return BITNET_OK;
 }
 

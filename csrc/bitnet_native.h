@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 1
+#define BITNET_ABI_VERSION 2
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -76,6 +76,15 @@ BITNET_API int bitnet_bitlinear(const float* x, int64_t M, int64_t K, int64_t ld
                                 const uint8_t* w, int64_t N, int64_t ldw, float w_scale, const float* bias,
                                 float* out, int64_t ldo, int isa);
 
+/* Several ternary matrices that read the same input (q/k/v, gate/up) in one call: x is quantised once
+ * (after an RMSNorm with weight norm_weight (K,) and norm_eps when norm_weight is not NULL:
+ * y = (x * rsqrt(mean_k x^2 + norm_eps)) * norm_weight, float32), then matrix j (n[j] rows, row stride
+ * ldw, scale *w_scale[j], bias[j] or NULL) writes columns [sum_{i<j} n[i], ... + n[j]) of out (M, ldo). */
+BITNET_API int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                                      const float* norm_weight, float norm_eps, int nmat,
+                                      const uint8_t* const* w, const int64_t* n, int64_t ldw,
+                                      const float* const* w_scale, const float* const* bias,
+                                      float* out, int64_t ldo, int isa);
 /* Int8 weights (the int8 LM head of bitnet.nn.Int8Linear), w int8 (N, ldw):
  *   acc[m, n] = sum_k x[m, k] * w[n, k] (exact int32; K <= 131072), out int32 (M, ldo). */
 BITNET_API int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx,

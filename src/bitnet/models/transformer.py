@@ -18,6 +18,7 @@ from ..nn.feedforward import BitFeedForward
 from ..nn.layers import check_weights
 from ..nn.norm import RMSNorm
 from ..quant import check_bits
+from .fused_block import use_fused
 
 
 class TransformerBlock(nn.Module):
@@ -35,6 +36,9 @@ class TransformerBlock(nn.Module):
                                   activation=activation, weights=weights, bits=bits, linear_norm=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        fused = use_fused(self, x)
+        if fused is not None:                    # packed projections on the native CPU backend
+            return fused(self, x, cache, start_pos)
         h = self.attn_norm(x)
         x = x + self.attn(h, h, h, is_causal=True, cache=cache, start_pos=start_pos)[0]
         return x + self.ffn(self.ffn_norm(x))

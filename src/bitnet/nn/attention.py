@@ -117,6 +117,47 @@ class BitMGQA(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, heads, self.head_dim).transpose(1, 2)          # (B, heads, T, hd)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None,
+               start_pos: int | torch.Tensor = 0, is_causal: bool = False, need_weights: bool = False):
+        """Attention of projected heads: q (B, Hq, Tq, hd), k/v (B, Hkv, Tk, hd) before rotary and cache.
+
+        Rotates q and k, appends k/v to ``cache``, and returns ``(out (B, Tq, embed_dim), weights)``
+        (weights (B, Hq, Tq, Tk) or None), before the sub-norm and output projection."""
+        if self.rotary is not None:
+            q, k = self.rotary.rotate(q, start_pos), self.rotary.rotate(k, start_pos)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)                            # (B, Hkv, start+Tk, hd)
+        b, group = q.shape[0], self.query_heads // self.kv_heads
+        tq, tk = q.shape[2], k.shape[2]
+        mask = None
+        if isinstance(start_pos, torch.Tensor):
+            # rows at different positions: row b sees keys 0..start_pos[b]      mask (B, 1, 1, Tk)
+            mask = (torch.arange(tk, device=q.device).view(1, -1) <= start_pos.view(-1, 1)).view(-1, 1, 1, tk)
+        elif is_causal and tq > 1:
+            # query i sits at absolute position (tk - tq + i): it sees keys 0..tk-tq+i
+            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if group > 1 and tq == 1 and not need_weights and dropout == 0.0:
+            # one query per row (decode): the `group` query heads of a K/V head read it in one matmul,
+            # without repeating K/V:  (B, Hkv, group, hd) @ (B, Hkv, hd, Tk) -> (B, Hkv, group, Tk)
+            scores = (q.view(b, self.kv_heads, group, self.head_dim) @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = (scores.softmax(dim=-1) @ v).view(b, self.query_heads, 1, self.head_dim)
+        else:
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            if need_weights:
+                scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)   # (B, Hq, Tq, Tk)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                weights = scores.softmax(dim=-1)
+                out = F.dropout(weights, dropout, self.training) @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(b, tq, self.embed_dim), weights      # (B, Tq, D)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -134,33 +175,7 @@ class BitMGQA(nn.Module):
         q = self._split(self.q_proj(query), self.query_heads)               # (B, Hq, Tq, hd)
         k = self._split(self.k_proj(key), self.kv_heads)                    # (B, Hkv, Tk, hd)
         v = self._split(self.v_proj(value), self.kv_heads)
-        if self.rotary is not None:
-            q, k = self.rotary.rotate(q, start_pos), self.rotary.rotate(k, start_pos)
-        if cache is not None:
-            k, v = cache.update(k, v, start_pos)                            # (B, Hkv, start+Tk, hd)
-        group = self.query_heads // self.kv_heads
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-
-        tq, tk = q.shape[2], k.shape[2]
-        mask = None
-        if isinstance(start_pos, torch.Tensor):
-            # rows at different positions: row b sees keys 0..start_pos[b]      mask (B, 1, 1, Tk)
-            mask = (torch.arange(tk, device=q.device).view(1, -1) <= start_pos.view(-1, 1)).view(-1, 1, 1, tk)
-        elif is_causal and tq > 1:
-            # query i sits at absolute position (tk - tq + i): it sees keys 0..tk-tq+i
-            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)   # (B, Hq, Tq, Tk)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-        else:
-            weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(query.shape[0], tq, self.embed_dim)  # (B, Tq, D)
+        out, weights = self.attend(q, k, v, cache, start_pos, is_causal, need_weights)   # (B, Tq, D)
         if self.sub_norm is not None:
             out = self.sub_norm(out)
         out = self.out_proj(out)

@@ -31,7 +31,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -69,6 +69,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitnet_linear": ([P, P, I64, I64, I64, P, I64, I64, F, P, P, I64, I], I),
         "bitnet_quantize_act": ([P, I64, I64, I64, I, F, P, I64, P, I], I),
         "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
+        "bitnet_bitlinear_multi": ([P, I64, I64, I64, I, F, P, F, I, P, P, I64, P, P, P, I64, I], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -248,3 +249,67 @@ def bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_featur
                               n, w_packed.shape[1], float(w_scale), _ptr(bias), out.data_ptr(), n, isa_id(isa))
     _check_rc(rc, "bitlinear")
     return out
+
+
+class BitLinearGroup:
+    """Packed ternary matrices that read the same input (q/k/v, gate/up), run by one native call.
+
+    ``group(x, norm_weight=None, norm_eps=1e-6)`` quantises x (M, K) float32 once per token (after an
+    RMSNorm with ``norm_weight`` (K,) when given, as :class:`bitnet.nn.RMSNorm` computes it) and returns
+    float32 (M, sum N): matrix j's output in its own column range, concatenated in order (split with
+    :meth:`split`). The pointer arrays are built once; the tensors are held, so they stay valid.
+
+    Args:
+        weights: I2 uint8 tensors (N_j, Kp/4) with equal row lengths.
+        scales: 0-dim float32 tensors (the layers' ``w_scale`` buffers, read at every call).
+        biases: float32 (N_j,) tensors or None.
+        in_features: K. bits: activation bits (2..8). eps: activation-scale clamp.
+    """
+
+    def __init__(self, weights, scales, biases, in_features: int, bits: int = 8, eps: float = 1e-5,
+                 isa: Optional[str] = None):
+        if not weights or len(weights) != len(scales) or len(weights) != len(biases):
+            raise ValueError("weights, scales and biases must be equally long, non-empty lists")
+        ldw = weights[0].shape[1]
+        for i, w in enumerate(weights):
+            if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != ldw or not w.is_contiguous():
+                raise ValueError(f"weights[{i}] must be a contiguous uint8 (N, {ldw}) tensor, got "
+                                 f"{w.dtype} {tuple(w.shape)}")
+        for i, s in enumerate(scales):
+            if s.dtype != torch.float32 or s.numel() != 1:
+                raise ValueError(f"scales[{i}] must be a one-element float32 tensor, got {s.dtype} {tuple(s.shape)}")
+        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        self._keep = (list(weights), list(scales), biases)
+        n = len(weights)
+        self.sizes = [int(w.shape[0]) for w in weights]
+        self.total = sum(self.sizes)
+        self.in_features, self.bits, self.eps, self.ldw = int(in_features), int(bits), float(eps), int(ldw)
+        self._isa = isa_id(isa)
+        self._w = (ctypes.c_void_p * n)(*[w.data_ptr() for w in weights])
+        self._n = (ctypes.c_int64 * n)(*self.sizes)
+        self._s = (ctypes.c_void_p * n)(*[s.data_ptr() for s in scales])
+        self._b = (ctypes.c_void_p * n)(*[_ptr(b) for b in biases])
+        self._ptrs = [t.data_ptr() for t in list(weights) + list(scales)]
+
+    def valid_for(self, weights, scales) -> bool:
+        """Whether the group still points at these tensors' storage (a reload replaces them)."""
+        return [t.data_ptr() for t in list(weights) + list(scales)] == self._ptrs
+
+    def __call__(self, x: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6) -> torch.Tensor:
+        lib = _need()
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must be float32 (M, {self.in_features}), got {x.dtype} {tuple(x.shape)}")
+        x, ldx = _rows(x)
+        if norm_weight is not None and (norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous()):
+            norm_weight = norm_weight.to(torch.float32).contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, self.total), dtype=torch.float32)
+        rc = lib.bitnet_bitlinear_multi(x.data_ptr(), m, self.in_features, ldx, self.bits, self.eps,
+                                        _ptr(norm_weight), float(norm_eps), len(self.sizes), self._w, self._n,
+                                        self.ldw, self._s, self._b, out.data_ptr(), self.total, self._isa)
+        _check_rc(rc, "bitlinear_multi")
+        return out
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of each matrix's output in ``y`` (..., sum N)."""
+        return torch.split(y, self.sizes, dim=-1)

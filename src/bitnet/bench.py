@@ -270,7 +270,7 @@ def _time_decode(model, steps, prompt_len, prefill_len, seed) -> dict:
         for _ in range(2):
             c = model.new_caches(1, prefill_len)
             t0 = time.perf_counter()
-            model(long, caches=c, start_pos=0)
+            model(long, caches=c, start_pos=0, logits_to_keep=1)          # as generation does
             prefill.append(time.perf_counter() - t0)
             if prefill[-1] > 5:
                 break
@@ -279,16 +279,11 @@ def _time_decode(model, steps, prompt_len, prefill_len, seed) -> dict:
 
 
 @torch.no_grad()
-def _time_head(model: torch.nn.Module, prefill_len: int) -> tuple[float, float]:
-    """Fastest time of the final norm + head on 1 token and on ``prefill_len`` tokens."""
-    dt = model.embed.weight.dtype
-    x1 = torch.randn(1, 1, model.embed.weight.shape[1]).to(dt)
+def _time_head(model: torch.nn.Module) -> float:
+    """Fastest time of the final norm + head on one token (decode steps and prefills compute one row)."""
+    x1 = torch.randn(1, 1, model.embed.weight.shape[1]).to(model.embed.weight.dtype)
     _, t1 = _time(lambda: model.head(model.norm(x1)), 0.3, min_reps=3, max_reps=20)
-    tp = 0.0
-    if prefill_len:
-        xp = torch.randn(1, prefill_len, x1.shape[-1]).to(dt)
-        _, tp = _time(lambda: model.head(model.norm(xp)), 0.0, min_reps=1, max_reps=1)
-    return t1, tp
+    return t1
 
 
 def run_decode_bench(shapes: Sequence[str] = ("small", "bitnetcpp", "2b4t"), kinds: Sequence[str] = ("packed", "fp32", "bf16"),
@@ -328,12 +323,12 @@ def run_decode_bench(shapes: Sequence[str] = ("small", "bitnetcpp", "2b4t"), kin
             bpt = decode_bytes_per_token(model, r["context"])
             extrapolated = depth != full_depth
             if extrapolated:
-                h1, hp = _time_head(model, prefill_len)
+                h1 = _time_head(model)
                 scale = full_depth / depth
                 step_min = h1 + (step_min - h1) * scale
                 step_med = h1 + (step_med - h1) * scale
                 if pre is not None:
-                    pre = hp + (pre - hp) * scale
+                    pre = h1 + (pre - h1) * scale
                 # bytes: blocks scale with depth; head / norm / one embedding row do not
                 per_block_w = (bpt["weights"] - _head_bytes(model)) / depth
                 bpt = {"weights": int(_head_bytes(model) + per_block_w * full_depth),

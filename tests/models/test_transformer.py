@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import bitnet
 from bitnet import BitLinear, BitNetTransformer
 
 
@@ -80,3 +81,19 @@ def test_rows_at_different_positions_decode_like_separate_sequences():
         positions = torch.tensor([5, 9])
         together = model(nxt, caches, positions)[:, -1]                 # one step, rows at 5 and 9
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_logits_to_keep_gives_the_last_rows(pack):
+    torch.manual_seed(0)
+    model = BitNetTransformer(num_tokens=50, dim=64, depth=2, heads=4, max_seq_len=32).eval()
+    if pack:
+        bitnet.pack(model)
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.allclose(model(tokens, logits_to_keep=1), full[:, -1:], atol=1e-6)
+        assert torch.allclose(model(tokens, logits_to_keep=3), full[:, -3:], atol=1e-6)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(tokens, logits_to_keep=bad)

@@ -7,6 +7,7 @@ packed inference form.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -24,6 +25,14 @@ CONTEXT_OVERFLOW = ("stop", "shift")
 (finish_reason ``max_seq_len``); ``"shift"`` keeps going on a sliding window: the last
 ``max_seq_len // 2`` tokens are re-encoded at positions 0.. into fresh caches (llama.cpp's context
 shift), so text can be longer than the context the model was trained on."""
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (computing the head for the last positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -127,6 +136,7 @@ def stream_generate(
     # Each model call runs in its own inference_mode block: a block spanning a ``yield`` would leave
     # grad mode switched off in the caller's code between tokens.
     torch_threads_inside = 1 if native_decode(model) else None   # see bitnet.convert.pack.torch_threads
+    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}   # prefill: one row of logits
 
     @torch.inference_mode()
     def next_token(pos: int) -> int:
@@ -144,7 +154,7 @@ def stream_generate(
             if state["caches"] is None:                 # prefill (the prompt, or the shifted window)
                 state["caches"] = model.new_caches(1, min(max_seq_len, n_prompt + budget - start))
             filled = state["filled"]                    # seq[start:start+filled] are in the caches
-            logits = model(seq[None, start + filled:pos], caches=state["caches"], start_pos=filled)
+            logits = model(seq[None, start + filled:pos], caches=state["caches"], start_pos=filled, **last_only)
             state["filled"] = pos - start
         tok = sample_next_token(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
                                 previous=seq[None, :pos], generator=generator)     # logits (1, vocab)

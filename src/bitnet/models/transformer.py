@@ -60,7 +60,8 @@ class BitNetTransformer(nn.Module):
         activation: gate nonlinearity, ``"silu"`` (SwiGLU, default), ``"gelu"`` or ``"relu2"``.
         tie_embeddings: share the embedding matrix with the output head.
 
-    ``forward(tokens)`` maps token ids (B, T) to logits (B, T, num_tokens). For decoding pass
+    ``forward(tokens)`` maps token ids (B, T) to logits (B, T, num_tokens); ``logits_to_keep=n`` computes
+    them for the last n positions only (a prefill that samples one token needs 1). For decoding pass
     ``caches=model.new_caches(B)`` and ``start_pos`` (number of tokens already in the caches), or a
     LongTensor (B,) of per-row positions for one-token steps of sequences of different lengths
     (continuous batching; prefill each row with ``[c.row(i) for c in caches]``).
@@ -141,16 +142,20 @@ class BitNetTransformer(nn.Module):
             )
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.check_tokens(tokens)
+            if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+                raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
         end = (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + tokens.shape[1]
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], start_pos)
-        return self.head(self.norm(x))                                      # (B, T, num_tokens)
+        if logits_to_keep:                                                  # e.g. 1 after a prefill
+            x = x[:, -logits_to_keep:]
+        return self.head(self.norm(x))                                      # (B, T or kept, num_tokens)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of ``tokens`` (B, T) against ``targets`` (B, T)."""

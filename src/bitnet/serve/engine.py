@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..generate.loop import model_device
+from ..generate.loop import accepts_logits_to_keep, model_device
 from ..generate.sampling import check_sampling_args, sample_next_token
 from ..nn.attention import KVCache
 
@@ -127,6 +127,7 @@ class Engine:
         if isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= max_seq_len:
             raise ValueError(f"context must be an integer in [2, {max_seq_len}] (the model's max_seq_len), got {context!r}")
         self.model = model.eval()
+        self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self.tokenizer = tokenizer
         self.slots, self.max_queue, self.context = slots, max_queue, context
         self.device = model_device(model)
@@ -266,7 +267,7 @@ class Engine:
     def _prefill(self, group: list[_Active]) -> None:
         a = group[0]
         ids = torch.tensor([a.req.prompt_ids], dtype=torch.int64, device=self.device)       # (1, T)
-        logits = self.model(ids, [c.row(a.req.slot) for c in self.caches], 0)[:, -1]         # (1, V)
+        logits = self.model(ids, [c.row(a.req.slot) for c in self.caches], 0, **self._last_only)[:, -1]  # (1, V)
         self._accept(a, self._sample(a, logits))
 
     def _decode(self, group: list[_Active]) -> None:

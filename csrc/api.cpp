@@ -517,4 +517,45 @@ int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, in
   return BITNET_OK;
 }
 
+void bitnet_prefetch_wait(void) {
+  pool()->stop_background();
+}
+
+int bitnet_prefetch_async(int n, const void* const* ptrs, const int64_t* lens) {
+  if (n < 0) return BITNET_EINVAL;
+  struct Range { const uint8_t* p; int64_t len; };
+  std::vector<Range> ranges;
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) {
+    if (lens[i] < 0) return BITNET_EINVAL;
+    if (lens[i] == 0) continue;
+    ranges.push_back(Range{static_cast<const uint8_t*>(ptrs[i]), lens[i]});
+    total += lens[i];
+  }
+  std::shared_ptr<ThreadPool> p = pool();
+  const int64_t workers = p->size() - 1;
+  if (total == 0 || workers < 1) return BITNET_OK;
+  ThreadPool* raw = p.get();  // the pool cancels and joins this job before it is destroyed
+  const int64_t slice = (total + workers - 1) / workers;
+  p->post_background(workers, [ranges, raw, slice](int64_t t) {
+    // Read one byte of every cache line of bytes [t * slice, (t + 1) * slice) of the ranges, in order:
+    // the lines land in this core's L2 and, as they are evicted, in the shared L3.
+    int64_t skip = t * slice, left = slice;
+    uint32_t sink = 0;
+    for (const Range& r : ranges) {
+      if (left <= 0) break;
+      if (skip >= r.len) { skip -= r.len; continue; }
+      const int64_t end = std::min(r.len, skip + left);
+      for (int64_t i = skip; i < end; i += 64) {
+        sink += *reinterpret_cast<const volatile uint8_t*>(r.p + i);
+        if ((i & 4095) == 0 && raw->cancelled()) return;
+      }
+      left -= end - skip;
+      skip = 0;
+    }
+    (void)sink;
+  });
+  return BITNET_OK;
+}
+
 }  // extern "C"

@@ -85,6 +85,22 @@ BITNET_API int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int6
                                       const uint8_t* const* w, const int64_t* n, int64_t ldw,
                                       const float* const* w_scale, const float* const* bias,
                                       float* out, int64_t ldo, int isa);
+/* One layer's attention step (float32), for B rows of T new tokens each:
+ *   qkv (B*T, (Hq + 2*Hkv) * hd): per token the q heads, k heads, v heads (rotated in place);
+ *   rotary: rotate-half with cos/sin tables (table_len, hd) at position pos[b] + t;
+ *   k/v appended to k_cache/v_cache (B, Hkv, max_len, hd) (contiguous) at pos[b] + t;
+ *   out (B*T, Hq*hd) = softmax(q k^T / sqrt(hd)) v over keys 0..pos[b]+t of K/V head h / (Hq/Hkv).
+ * BITNET_EINVAL if pos[b] + T exceeds max_len or table_len, or the head counts do not divide. */
+BITNET_API int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                                     const float* cos_table, const float* sin_table, int64_t table_len,
+                                     float* k_cache, float* v_cache, int64_t max_len, const int64_t* pos,
+                                     float* out);
+/* Starts reading the n byte ranges (ptrs[i], lens[i]) into cache on the thread pool's workers and
+ * returns at once; the next native call stops it. Meant for the weights of the next call, while the
+ * caller does other work (attention, norms in Python). The ranges must stay valid until that call. */
+BITNET_API int bitnet_prefetch_async(int n, const void* const* ptrs, const int64_t* lens);
+/* Stops a running prefetch and waits for it (before the ranges it reads are freed). */
+BITNET_API void bitnet_prefetch_wait(void);
 /* Int8 weights (the int8 LM head of bitnet.nn.Int8Linear), w int8 (N, ldw):
  *   acc[m, n] = sum_k x[m, k] * w[n, k] (exact int32; K <= 131072), out int32 (M, ldo). */
 BITNET_API int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx,

@@ -7,6 +7,7 @@
 #include <functional>
 
 #include "kernels.h"
+#include "native_services.h"
 
 namespace bitnet {
 
@@ -27,10 +28,5 @@ void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int
 #if defined(BITNET_HAVE_AVX2)
 void int8_gemm_avx2(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #endif
-
-// Services of api.cpp (thread pool, ISA dispatch) for the int8 driver.
-int native_resolve(int isa, Kernel* k, int* resolved);   // BITNET_OK or BITNET_EISA
-int native_threads();
-void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 
 }  // namespace bitnet

@@ -19,6 +19,7 @@ ThreadPool::ThreadPool(int nthreads, int spin_us) : n_(nthreads < 1 ? 1 : nthrea
 }
 
 ThreadPool::~ThreadPool() {
+  bg_cancel_.store(true);  // a background job's tasks return at once
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
@@ -27,13 +28,20 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
+namespace {
+constexpr uint64_t kField = (1u << 18) - 1;
+inline uint32_t gen_of(uint64_t w) { return (uint32_t)(w >> 36); }
+inline int64_t count_of(uint64_t w) { return (int64_t)((w >> 18) & kField); }
+inline int64_t next_of(uint64_t w) { return (int64_t)(w & kField); }
+}  // namespace
+
 // Claims and runs tasks of generation `gen` until none is left (or a newer generation started).
 void ThreadPool::drain(uint32_t gen) {
   uint64_t cur = work_.load(std::memory_order_acquire);
   for (;;) {
-    if ((uint32_t)(cur >> 32) != gen) return;
-    const int64_t idx = (int64_t)(cur & 0xffffffffu);
-    if (idx >= ntasks_.load(std::memory_order_acquire)) return;
+    if (gen_of(cur) != gen) return;
+    const int64_t idx = next_of(cur);
+    if (idx >= count_of(cur)) return;
     if (!work_.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
     // The caller cannot return (and change fn_) before this claimed task is counted as done.
     (*fn_.load(std::memory_order_acquire))(idx);
@@ -44,7 +52,7 @@ void ThreadPool::drain(uint32_t gen) {
 
 void ThreadPool::worker_loop() {
   uint32_t seen = 0;  // generation 0: the state at construction
-  auto gen_now = [this] { return (uint32_t)(work_.load(std::memory_order_acquire) >> 32); };
+  auto gen_now = [this] { return gen_of(work_.load(std::memory_order_acquire)); };
   for (;;) {
     // Spin a little: during decoding the next call comes right away. Yield now and then so that a
     // busy machine's other threads (or the caller itself, on one core) are not starved.
@@ -69,25 +77,58 @@ void ThreadPool::worker_loop() {
   }
 }
 
+// Publishes a generation of ntasks tasks of fn to the workers (wakes sleepers). Caller holds busy_.
+void ThreadPool::publish(int64_t ntasks, const std::function<void(int64_t)>* fn, uint32_t* gen) {
+  // All tasks of the previous generation are done (the callers wait for that), so nobody runs fn_.
+  fn_.store(fn, std::memory_order_release);
+  done_.store(0, std::memory_order_release);
+  int sleepers;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    *gen = (gen_of(work_.load(std::memory_order_relaxed)) + 1) & 0xfffffffu;
+    work_.store(((uint64_t)*gen << 36) | ((uint64_t)ntasks << 18), std::memory_order_release);  // publishes fn_, done_
+    sleepers = sleepers_;
+  }
+  if (sleepers > 0) cv_.notify_all();
+}
+
+void ThreadPool::finish_background() {
+  if (!bg_active_) return;
+  bg_cancel_.store(true, std::memory_order_relaxed);
+  drain(bg_gen_);                              // unclaimed tasks: each returns at once
+  const int64_t n = bg_ntasks_;
+  while (done_.load(std::memory_order_acquire) < n) BITNET_PAUSE();
+  bg_active_ = false;
+}
+
+void ThreadPool::stop_background() {
+  std::lock_guard<std::mutex> busy(busy_);
+  finish_background();
+}
+
+bool ThreadPool::post_background(int64_t ntasks, std::function<void(int64_t)> fn) {
+  std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+  if (!busy.owns_lock() || n_ == 1 || ntasks < 1 || ntasks > kMaxTasks) return false;
+  finish_background();
+  bg_fn_ = std::move(fn);
+  bg_cancel_.store(false, std::memory_order_relaxed);
+  bg_ntasks_ = ntasks;
+  publish(ntasks, &bg_fn_, &bg_gen_);
+  bg_active_ = true;
+  return true;
+}
+
 bool ThreadPool::try_run(int64_t ntasks, const std::function<void(int64_t)>& fn) {
   std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
   if (!busy.owns_lock()) return false;
+  finish_background();
+  if (ntasks > kMaxTasks) return false;
   if (n_ == 1 || ntasks <= 1) {
     for (int64_t t = 0; t < ntasks; ++t) fn(t);
     return true;
   }
-  fn_.store(&fn, std::memory_order_release);
-  ntasks_.store(ntasks, std::memory_order_release);
-  done_.store(0, std::memory_order_release);
   uint32_t gen;
-  int sleepers;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    gen = (uint32_t)(work_.load(std::memory_order_relaxed) >> 32) + 1;
-    work_.store((uint64_t)gen << 32, std::memory_order_release);  // publishes fn_, ntasks_, done_
-    sleepers = sleepers_;
-  }
-  if (sleepers > 0) cv_.notify_all();
+  publish(ntasks, &fn, &gen);
   drain(gen);
   int iter = 0;
   while (done_.load(std::memory_order_acquire) < ntasks) {

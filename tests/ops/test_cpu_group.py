@@ -82,3 +82,25 @@ def test_group_errors_name_the_argument():
     group = native.BitLinearGroup(ws, scales, biases, 64)
     with pytest.raises(ValueError, match="x must be float32"):
         group(torch.randn(2, 63))
+
+
+def test_prefetch_then_calls_of_changing_size_stay_exact():
+    """Stress the pool: background prefetches interleaved with parallel calls of different task
+    counts (a late worker must never claim a task of the wrong call)."""
+    old = native.get_num_threads()
+    native.set_num_threads(2)
+    try:
+        groups, inputs, wants = [], [], []
+        for i, (k, sizes) in enumerate([(256, [300, 40]), (640, [1000]), (128, [16, 16, 16]), (2560, [64])]):
+            ws, scales, biases = make_group(k, sizes, seed=i)
+            g = native.BitLinearGroup(ws, scales, biases, k)
+            x = torch.randn(1 + i % 2, k)
+            groups.append(g)
+            inputs.append(x)
+            wants.append(g(x))
+        for step in range(400):
+            i = step % len(groups)
+            groups[(i + 1) % len(groups)].prefetch()
+            assert torch.equal(groups[i](inputs[i]), wants[i]), step
+    finally:
+        native.set_num_threads(old)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..ops import cpu
 from ..nn.norm import RMSNorm
 from ..nn.packed import PackedBitLinear
 
@@ -36,8 +37,6 @@ class FusedBlock:
     block cannot take the fused path); call with ``(block, x, cache, start_pos)``."""
 
     def __init__(self, block):
-        from ..ops import cpu
-
         attn, ffn = block.attn, block.ffn
         bits = attn.q_proj.bits
 
@@ -82,18 +81,51 @@ class FusedBlock:
         attn, ffn = block.attn, block.ffn
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)                                                   # (BT, D)
-        # attn_norm + q|k|v: (BT, D + 2 * kv_dim)
-        q, k, v = self.qkv.split(self.qkv(x2, *_norm_args(block.attn_norm, d)))
-        q = q.reshape(b, t, attn.query_heads, attn.head_dim).transpose(1, 2)       # (B, Hq, T, hd)
-        k = k.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)          # (B, Hkv, T, hd)
-        v = v.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        out, _ = attn.attend(q, k, v, cache, start_pos, is_causal=True)            # (B, T, D)
+        qkv = self.qkv(x2, *_norm_args(block.attn_norm, d))                     # (BT, D + 2 * kv_dim)
+        self.o.prefetch()                                  # the workers read ahead while attention runs
+        native = _native_attention_positions(attn, cache, start_pos, b, t)
+        if native is not None:
+            # rotary, cache append and attention in one native call                (BT, D)
+            positions, end = native
+            out = cpu.attention_step(qkv, b, attn.query_heads, attn.kv_heads, attn.head_dim, attn.rotary.cos,
+                                     attn.rotary.sin, cache.k, cache.v, positions)
+            cache.length = end
+        else:
+            q, k, v = self.qkv.split(qkv)
+            q = q.reshape(b, t, attn.query_heads, attn.head_dim).transpose(1, 2)   # (B, Hq, T, hd)
+            k = k.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)      # (B, Hkv, T, hd)
+            v = v.reshape(b, t, attn.kv_heads, attn.head_dim).transpose(1, 2)
+            out, _ = attn.attend(q, k, v, cache, start_pos, is_causal=True)        # (B, T, D)
         x2 = x2 + self.o(out.reshape(b * t, d), *_norm_args(attn.sub_norm, d))    # sub_norm + o, residual
         # ffn_norm + gate|up, then act(gate) * up: (BT, hidden)
         gu = self.gate_up.split(self.gate_up(x2, *_norm_args(block.ffn_norm, d)))
+        self.down.prefetch()
         h = ffn.act(gu[0]) * gu[1] if ffn.gate is not None else ffn.act(gu[0])
         x2 = x2 + self.down(h, *_norm_args(ffn.post_norm, h.shape[-1]))          # post_norm + down, residual
         return x2.view(b, t, d)
+
+
+def _native_attention_positions(attn, cache, start_pos, batch: int, t: int):
+    """(start positions (B,) int64, end) for :func:`bitnet.ops.cpu.attention_step`, or None when the torch
+    attention must run (no cache or rotary, a cache of another layout, per-row positions with T > 1).
+    Raises the cache's own error when the new tokens do not fit."""
+    if cache is None or attn.rotary is None:
+        return None
+    k, v, cos = cache.k, cache.v, attn.rotary.cos
+    if (k.dtype != torch.float32 or v.dtype != torch.float32 or cos.dtype != torch.float32 or k.shape[0] != batch
+            or not (k.is_contiguous() and v.is_contiguous() and cos.is_contiguous() and attn.rotary.sin.is_contiguous())):
+        return None
+    if isinstance(start_pos, torch.Tensor):
+        if t != 1 or start_pos.dtype != torch.int64 or start_pos.device.type != "cpu":
+            return None
+        positions, end = start_pos.contiguous().view(-1), int(start_pos.max()) + 1
+    else:
+        positions, end = torch.full((batch,), int(start_pos), dtype=torch.int64), int(start_pos) + t
+    if end > cache.max_len:
+        raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")
+    if end > cos.shape[0]:
+        return None                                        # the rotary module raises its own error
+    return positions, end
 
 
 def use_fused(block, x: torch.Tensor) -> Optional[FusedBlock]:

@@ -69,6 +69,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitnet_linear": ([P, P, I64, I64, I64, P, I64, I64, F, P, P, I64, I], I),
         "bitnet_quantize_act": ([P, I64, I64, I64, I, F, P, I64, P, I], I),
         "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
+        "bitnet_prefetch_async": ([I, P, P], I),
+        "bitnet_attention_step": ([P, I64, I64, I64, I64, I64, P, P, I64, P, P, I64, P, P], I),
+        "bitnet_prefetch_wait": ([], None),
         "bitnet_bitlinear_multi": ([P, I64, I64, I64, I, F, P, F, I, P, P, I64, P, P, P, I64, I], I),
     }
     for name, (args, res) in sig.items():
@@ -251,6 +254,32 @@ def bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_featur
     return out
 
 
+def attention_step(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary + KV-cache append + causal attention of one layer in one native call (float32).
+
+    qkv (B*T, (heads + 2*kv_heads) * head_dim) contiguous: each token's q, k, v heads (q and k are
+    rotated in place); cos/sin (L, head_dim) rotary tables; k_cache/v_cache (B, kv_heads, max_len,
+    head_dim) contiguous; positions int64 (B,): token t of row b sits at positions[b] + t and attends
+    to cache positions 0..positions[b] + t. Returns out (B*T, heads * head_dim).
+    """
+    lib = _need()
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor, got {t.dtype}")
+    if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.numel() != batch:
+        raise ValueError(f"positions must be a contiguous int64 tensor of {batch} start positions")
+    rows = qkv.shape[0]
+    if batch <= 0 or rows % batch or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim:
+        raise ValueError(f"qkv must have shape (batch * T, (heads + 2 * kv_heads) * head_dim), got {tuple(qkv.shape)}")
+    out = torch.empty((rows, heads * head_dim), dtype=torch.float32)
+    rc = lib.bitnet_attention_step(qkv.data_ptr(), batch, rows // batch, heads, kv_heads, head_dim, cos.data_ptr(),
+                                   sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(),
+                                   k_cache.shape[2], positions.data_ptr(), out.data_ptr())
+    _check_rc(rc, "attention_step (a position beyond the cache or rotary table?)")
+    return out
+
+
 class BitLinearGroup:
     """Packed ternary matrices that read the same input (q/k/v, gate/up), run by one native call.
 
@@ -290,6 +319,18 @@ class BitLinearGroup:
         self._s = (ctypes.c_void_p * n)(*[s.data_ptr() for s in scales])
         self._b = (ctypes.c_void_p * n)(*[_ptr(b) for b in biases])
         self._ptrs = [t.data_ptr() for t in list(weights) + list(scales)]
+        self._lens = (ctypes.c_int64 * n)(*[w.numel() for w in weights])
+
+    def prefetch(self) -> None:
+        """Start pulling this group's weights into cache on the native workers and return at once (the
+        next native call stops it). Call it before Python work that precedes this group's call."""
+        _need().bitnet_prefetch_async(len(self.sizes), self._w, self._lens)
+        self._prefetching = True
+
+    def __del__(self):
+        # the weights this group holds may be freed next: a prefetch must not be reading them
+        if getattr(self, "_prefetching", False) and _lib is not None:
+            _lib.bitnet_prefetch_wait()
 
     def valid_for(self, weights, scales) -> bool:
         """Whether the group still points at these tensors' storage (a reload replaces them)."""

@@ -95,6 +95,40 @@ BITNET_API int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t H
                                      const float* cos_table, const float* sin_table, int64_t table_len,
                                      float* k_cache, float* v_cache, int64_t max_len, const int64_t* pos,
                                      float* out);
+/* Up to 3 packed ternary matrices that read the same input (see bitnet_bitlinear_multi). */
+typedef struct {
+  int32_t n;                      /* number of matrices */
+  int32_t reserved;
+  int64_t in_features;            /* K */
+  int64_t ldw;                    /* row stride of every matrix (bytes) */
+  const uint8_t* w[3];            /* I2 rows (rows[i], ldw) */
+  int64_t rows[3];
+  const float* scale[3];          /* 0-dim w_scale of each */
+  const float* bias[3];           /* (rows[i],) or NULL */
+} bitnet_linear_set;
+
+/* One pre-norm decoder block with packed projections (bitnet.models.BitNetTransformer's layout):
+ *   x += o(sub_norm(attention(rotary(q|k|v(attn_norm(x))))))
+ *   x += down(post_norm(act(gate(h)) * up(h))),  h = ffn_norm(x)     (act(up(h)) when not gated)
+ * A norm weight of NULL means no norm there (attn_norm / ffn_norm must be given). */
+typedef struct {
+  int64_t dim, hidden, heads, kv_heads, head_dim;
+  int32_t bits;                   /* activation bits of every projection */
+  int32_t activation;             /* 0 silu, 1 gelu (erf), 2 relu^2 */
+  int32_t gated;                  /* 1: gate_up holds gate then up */
+  float act_eps;                  /* activation-scale clamp of the quantiser */
+  const float* attn_norm; float attn_norm_eps;
+  const float* sub_norm; float sub_norm_eps;
+  const float* ffn_norm; float ffn_norm_eps;
+  const float* post_norm; float post_norm_eps;
+  bitnet_linear_set qkv, o, gate_up, down;
+  const float* cos_table; const float* sin_table; int64_t table_len;
+} bitnet_block;
+
+/* Runs `blk` on x (B*T, dim) float32 in place: B rows of T tokens, token t of row b at position
+ * pos[b] + t, appending to k_cache/v_cache (B, kv_heads, max_len, head_dim). */
+BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, float* k_cache,
+                                    float* v_cache, int64_t max_len, const int64_t* pos, int isa);
 /* Starts reading the n byte ranges (ptrs[i], lens[i]) into cache on the thread pool's workers and
  * returns at once; the next native call stops it. Meant for the weights of the next call, while the
  * caller does other work (attention, norms in Python). The ranges must stay valid until that call. */

@@ -39,8 +39,10 @@ def test_fused_logits_equal_module_path(monkeypatch, kv_heads, activation):
     assert (fused - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
-def test_fused_cached_decode_equals_module_path(monkeypatch):
-    m = packed_model()
+@pytest.mark.parametrize("kv_heads,activation", [(2, "silu"), (8, "gelu"), (4, "relu2")])
+def test_fused_cached_decode_equals_module_path(monkeypatch, kv_heads, activation):
+    m = packed_model(kv_heads, activation)
+    assert FusedBlock.for_block(m.layers[0]).native is not None       # the one-call native block
     prompt = torch.randint(0, 97, (1, 7))
 
     def decode():
@@ -88,3 +90,29 @@ def test_fused_runner_follows_reloaded_weights():
         assert torch.allclose(m(tokens), other(tokens))
         m.load_state_dict(state, assign=True)
         assert torch.allclose(m(tokens), before)
+
+
+def test_fused_batched_rows_at_different_positions(monkeypatch):
+    """Continuous batching: one token per row at per-row positions (the server's decode step)."""
+    m = packed_model()
+    caches = m.new_caches(3, 24)
+    ref_caches = m.new_caches(3, 24)
+    prompts = [torch.randint(0, 97, (1, n)) for n in (3, 6, 4)]
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            m(p, caches=[c.row(i) for c in caches], start_pos=0)
+        pos = torch.tensor([3, 6, 4])
+        tok = torch.randint(0, 97, (3, 1))
+        fused = m(tok, caches=caches, start_pos=pos)
+        module_path(monkeypatch)
+        for i, p in enumerate(prompts):
+            m(p, caches=[c.row(i) for c in ref_caches], start_pos=0)
+        ref = m(tok, caches=ref_caches, start_pos=pos)
+    assert (fused - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_fused_cache_overflow_names_the_limit():
+    m = packed_model()
+    caches = m.new_caches(1, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache is full"):
+        m(torch.randint(0, 97, (1, 5)), caches=caches, start_pos=0)

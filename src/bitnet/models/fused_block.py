@@ -42,12 +42,32 @@ class FusedBlock:
 
         def group(layers):
             return cpu.BitLinearGroup([m.w_packed for m in layers], [m.w_scale for m in layers],
-                                      [m.bias for m in layers], layers[0].in_features, bits), layers
+                                      [m.bias for m in layers], layers[0].in_features, bits)
 
-        (self.qkv, qkv), (self.o, o) = group([attn.q_proj, attn.k_proj, attn.v_proj]), group([attn.out_proj])
-        self.gate_up, gu = group([ffn.gate, ffn.up] if ffn.gate is not None else [ffn.up])
-        self.down, down = group([ffn.down])
-        self._groups = [(self.qkv, qkv), (self.o, o), (self.gate_up, gu), (self.down, down)]
+        gate_up = [ffn.gate, ffn.up] if ffn.gate is not None else [ffn.up]
+        self.qkv, self.o = group([attn.q_proj, attn.k_proj, attn.v_proj]), group([attn.out_proj])
+        self.gate_up, self.down = group(gate_up), group([ffn.down])
+        # what the groups point at: (dict of a module, key, tensor) triples; a reload or .to() replaces them
+        norms = [n for n in (block.attn_norm, attn.sub_norm, block.ffn_norm, ffn.post_norm) if n is not None]
+        self._watched = [(m._buffers, k, m._buffers[k]) for m in [attn.q_proj, attn.k_proj, attn.v_proj,
+                         attn.out_proj, ffn.down, *gate_up] for k in ("w_packed", "w_scale", "bias")]
+        self._watched += [(n._parameters, "weight", n._parameters.get("weight")) for n in norms]
+        # the whole block in one native call, used whenever the cached native attention applies
+        self.native = None
+        self._rotary_ok, self._table_len = False, 0
+        rot = attn.rotary
+        if rot is not None:
+            self._watched += [(rot._buffers, "cos", rot.cos), (rot._buffers, "sin", rot.sin)]
+            self._rotary_ok = all(t.dtype == torch.float32 and t.is_contiguous() for t in (rot.cos, rot.sin))
+            self._table_len = rot.cos.shape[0]
+        if self._rotary_ok and ffn.activation in cpu.BLOCK_ACTIVATIONS:
+            d = attn.embed_dim
+            norm_args = {"attn_norm": _norm_args(block.attn_norm, d), "sub_norm": _norm_args(attn.sub_norm, d),
+                         "ffn_norm": _norm_args(block.ffn_norm, d),
+                         "post_norm": _norm_args(ffn.post_norm, ffn.down.in_features)}
+            self.native = cpu.NativeBlock({"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down},
+                                          norm_args, attn.query_heads, attn.kv_heads, attn.head_dim, ffn.activation,
+                                          rot.cos, rot.sin)
 
     @staticmethod
     def eligible(block) -> bool:
@@ -74,19 +94,29 @@ class FusedBlock:
         return runner
 
     def valid(self) -> bool:
-        """Whether the groups still point at the layers' buffers (a reload or .to() replaces them)."""
-        return all(g.valid_for([m.w_packed for m in ls], [m.w_scale for m in ls]) for g, ls in self._groups)
+        """Whether the weights, scales, norms and rotary tables are still the tensors the groups point at."""
+        for d, key, t in self._watched:
+            if d.get(key) is not t:
+                return False
+        return True
 
     def __call__(self, block, x: torch.Tensor, cache, start_pos) -> torch.Tensor:
         attn, ffn = block.attn, block.ffn
         b, t, d = x.shape
+        native = self._native_attention_positions(cache, start_pos, b, t)
+        if native is not None and self.native is not None:
+            y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)  # (BT, D), updated in place
+            self.native(y, cache.k, cache.v, native[0])
+            cache.length = native[1]
+            return y.view(b, t, d)
         x2 = x.reshape(b * t, d)                                                   # (BT, D)
         qkv = self.qkv(x2, *_norm_args(block.attn_norm, d))                     # (BT, D + 2 * kv_dim)
         self.o.prefetch()                                  # the workers read ahead while attention runs
-        native = _native_attention_positions(attn, cache, start_pos, b, t)
         if native is not None:
             # rotary, cache append and attention in one native call                (BT, D)
             positions, end = native
+            if isinstance(positions, int):
+                positions = torch.full((b,), positions, dtype=torch.int64)
             out = cpu.attention_step(qkv, b, attn.query_heads, attn.kv_heads, attn.head_dim, attn.rotary.cos,
                                      attn.rotary.sin, cache.k, cache.v, positions)
             cache.length = end
@@ -104,28 +134,27 @@ class FusedBlock:
         x2 = x2 + self.down(h, *_norm_args(ffn.post_norm, h.shape[-1]))          # post_norm + down, residual
         return x2.view(b, t, d)
 
-
-def _native_attention_positions(attn, cache, start_pos, batch: int, t: int):
-    """(start positions (B,) int64, end) for :func:`bitnet.ops.cpu.attention_step`, or None when the torch
-    attention must run (no cache or rotary, a cache of another layout, per-row positions with T > 1).
-    Raises the cache's own error when the new tokens do not fit."""
-    if cache is None or attn.rotary is None:
-        return None
-    k, v, cos = cache.k, cache.v, attn.rotary.cos
-    if (k.dtype != torch.float32 or v.dtype != torch.float32 or cos.dtype != torch.float32 or k.shape[0] != batch
-            or not (k.is_contiguous() and v.is_contiguous() and cos.is_contiguous() and attn.rotary.sin.is_contiguous())):
-        return None
-    if isinstance(start_pos, torch.Tensor):
-        if t != 1 or start_pos.dtype != torch.int64 or start_pos.device.type != "cpu":
+    def _native_attention_positions(self, cache, start_pos, batch: int, t: int):
+        """(start positions: an int for all rows or an int64 (B,) tensor, end) for the native attention,
+        or None when the torch attention must run (no cache or rotary, a cache of another layout,
+        per-row positions with T > 1). Raises the cache's own error when the new tokens do not fit."""
+        if cache is None or not self._rotary_ok:
             return None
-        positions, end = start_pos.contiguous().view(-1), int(start_pos.max()) + 1
-    else:
-        positions, end = torch.full((batch,), int(start_pos), dtype=torch.int64), int(start_pos) + t
-    if end > cache.max_len:
-        raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")
-    if end > cos.shape[0]:
-        return None                                        # the rotary module raises its own error
-    return positions, end
+        k, v = cache.k, cache.v
+        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.shape[0] != batch
+                or not (k.is_contiguous() and v.is_contiguous())):
+            return None
+        if isinstance(start_pos, torch.Tensor):
+            if t != 1 or start_pos.dtype != torch.int64 or start_pos.device.type != "cpu":
+                return None
+            positions, end = start_pos.contiguous().view(-1), int(start_pos.max()) + 1
+        else:
+            positions, end = int(start_pos), int(start_pos) + t
+        if end > cache.max_len:
+            raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")
+        if end > self._table_len:
+            return None                                    # the rotary module raises its own error
+        return positions, end
 
 
 def use_fused(block, x: torch.Tensor) -> Optional[FusedBlock]:
@@ -133,8 +162,6 @@ def use_fused(block, x: torch.Tensor) -> Optional[FusedBlock]:
     no gradient, no torch.compile / modes, the native CPU backend selected; else None."""
     if block.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3:
         return None
-    if (torch.is_grad_enabled() and x.requires_grad) or not ops._plain_eager(x):
-        return None
-    if ops.backend("cpu") != "cpu":
+    if (x.requires_grad and torch.is_grad_enabled()) or not ops.native_cpu_selected() or not ops._plain_eager(x):
         return None
     return FusedBlock.for_block(block)

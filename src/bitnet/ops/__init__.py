@@ -76,6 +76,11 @@ def backend(device="cpu") -> str:
     return _requested
 
 
+def native_cpu_selected() -> bool:
+    """True when CPU tensors run on the native backend (a cheap check for hot paths)."""
+    return _requested in ("auto", "cpu") and _cpu.available()
+
+
 def set_num_threads(n: int) -> None:
     """Number of threads of the native CPU backend (n <= 0: all cores). No effect on torch itself."""
     if isinstance(n, bool) or not isinstance(n, int):

@@ -70,6 +70,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitnet_quantize_act": ([P, I64, I64, I64, I, F, P, I64, P, I], I),
         "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
         "bitnet_prefetch_async": ([I, P, P], I),
+        "bitnet_block_forward": ([P, P, I64, I64, P, P, I64, P, I], I),
         "bitnet_attention_step": ([P, I64, I64, I64, I64, I64, P, P, I64, P, P, I64, P, P], I),
         "bitnet_prefetch_wait": ([], None),
         "bitnet_bitlinear_multi": ([P, I64, I64, I64, I, F, P, F, I, P, P, I64, P, P, P, I64, I], I),
@@ -354,3 +355,94 @@ class BitLinearGroup:
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of each matrix's output in ``y`` (..., sum N)."""
         return torch.split(y, self.sizes, dim=-1)
+
+
+class _LinearSet(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int32), ("reserved", ctypes.c_int32), ("in_features", ctypes.c_int64),
+                ("ldw", ctypes.c_int64), ("w", ctypes.c_void_p * 3), ("rows", ctypes.c_int64 * 3),
+                ("scale", ctypes.c_void_p * 3), ("bias", ctypes.c_void_p * 3)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("activation", ctypes.c_int32), ("gated", ctypes.c_int32), ("act_eps", ctypes.c_float),
+                ("attn_norm", ctypes.c_void_p), ("attn_norm_eps", ctypes.c_float),
+                ("sub_norm", ctypes.c_void_p), ("sub_norm_eps", ctypes.c_float),
+                ("ffn_norm", ctypes.c_void_p), ("ffn_norm_eps", ctypes.c_float),
+                ("post_norm", ctypes.c_void_p), ("post_norm_eps", ctypes.c_float),
+                ("qkv", _LinearSet), ("o", _LinearSet), ("gate_up", _LinearSet), ("down", _LinearSet),
+                ("cos_table", ctypes.c_void_p), ("sin_table", ctypes.c_void_p), ("table_len", ctypes.c_int64)]
+
+
+BLOCK_ACTIVATIONS = ("silu", "gelu", "relu2")
+"""Activations :class:`NativeBlock` computes (in this order: the library's codes)."""
+
+
+class NativeBlock:
+    """A whole pre-norm decoder block in one native call (``bitnet_block_forward``)::
+
+        x += o(sub_norm(attention(rotary(q|k|v(attn_norm(x))))))
+        x += down(post_norm(act(gate(h)) * up(h))),   h = ffn_norm(x)
+
+    Args:
+        groups: dict with the :class:`BitLinearGroup` s ``qkv`` (q, k, v), ``o``, ``gate_up`` (gate, up;
+            or up alone when not gated) and ``down``.
+        norms: dict ``attn_norm``, ``sub_norm``, ``ffn_norm``, ``post_norm`` -> (weight float32 or None, eps);
+            attn_norm and ffn_norm are required.
+        heads, kv_heads, head_dim: attention shape. activation: one of :data:`BLOCK_ACTIVATIONS`.
+        cos, sin: rotary tables (L, head_dim) float32.
+
+    ``block(x, k_cache, v_cache, positions)`` updates x (B*T, dim) float32 contiguous in place, for B
+    rows of T tokens, row b's tokens at positions[b] + t (int64 (B,)), and appends to the caches
+    (B, kv_heads, max_len, head_dim).
+    """
+
+    def __init__(self, groups: dict, norms: dict, heads: int, kv_heads: int, head_dim: int, activation: str,
+                 cos: torch.Tensor, sin: torch.Tensor):
+        if activation not in BLOCK_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {BLOCK_ACTIVATIONS}, got {activation!r}")
+        qkv, o, gu, down = groups["qkv"], groups["o"], groups["gate_up"], groups["down"]
+        if len(qkv.sizes) != 3 or len(o.sizes) != 1 or len(down.sizes) != 1 or len(gu.sizes) not in (1, 2):
+            raise ValueError("groups must hold q|k|v, o, gate|up (or up) and down")
+        if norms.get("attn_norm", (None,))[0] is None or norms.get("ffn_norm", (None,))[0] is None:
+            raise ValueError("attn_norm and ffn_norm weights are required")
+        for t in (cos, sin):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("cos and sin must be contiguous float32 tables")
+        b = _Block()
+        b.dim, b.hidden, b.heads, b.kv_heads, b.head_dim = o.total, down.in_features, heads, kv_heads, head_dim
+        b.bits, b.activation, b.gated, b.act_eps = qkv.bits, BLOCK_ACTIVATIONS.index(activation), int(len(gu.sizes) == 2), qkv.eps
+        keep = []
+        for name in ("attn_norm", "sub_norm", "ffn_norm", "post_norm"):
+            w, eps = norms.get(name, (None, 0.0))
+            if w is not None:
+                w = w.detach().to(torch.float32).contiguous()
+                keep.append(w)
+            setattr(b, name, _ptr(w))
+            setattr(b, name + "_eps", float(eps))
+        for name, g in (("qkv", qkv), ("o", o), ("gate_up", gu), ("down", down)):
+            s = getattr(b, name)
+            s.n, s.in_features, s.ldw = len(g.sizes), g.in_features, g.ldw
+            for i in range(len(g.sizes)):
+                s.w[i], s.rows[i], s.scale[i], s.bias[i] = g._w[i], g._n[i], g._s[i], g._b[i]
+        b.cos_table, b.sin_table, b.table_len = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+        self._struct, self._keep = b, (groups, keep, cos, sin)
+        self.dim = b.dim
+
+    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions) -> None:
+        """positions: an int (every row starts there) or an int64 (B,) tensor. The caller guarantees the
+        layouts (x contiguous float32 (B*T, dim), caches contiguous float32 (B, kv_heads, max_len, hd))."""
+        lib = _need()
+        batch = k_cache.shape[0]
+        if isinstance(positions, int):
+            pos = (ctypes.c_int64 * batch)(*([positions] * batch))
+        else:
+            if positions.dtype != torch.int64 or positions.numel() != batch or not positions.is_contiguous():
+                raise ValueError(f"positions must be an int or a contiguous int64 tensor of {batch} start positions")
+            pos = positions.data_ptr()
+        if x.shape[0] % batch or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B*T, {self.dim}) for B={batch} cache rows, got {tuple(x.shape)}")
+        rc = lib.bitnet_block_forward(ctypes.byref(self._struct), x.data_ptr(), batch, x.shape[0] // batch,
+                                      k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos, -1)
+        _check_rc(rc, "block_forward (a position beyond the cache or rotary table?)")

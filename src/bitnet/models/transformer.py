@@ -119,13 +119,15 @@ class BitNetTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def new_caches(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> list[KVCache]:
-        """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens."""
+    def new_caches(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None,
+                   static: bool = False) -> list[KVCache]:
+        """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens
+        (``static``: fixed-shape decode steps for capture, see :class:`bitnet.nn.KVCache`)."""
         param = self.embed.weight
         attn = self.layers[0].attn
         return [
             KVCache(batch, attn.kv_heads, max_len or self.max_seq_len, attn.head_dim,
-                    device=device or param.device, dtype=dtype or param.dtype)
+                    device=device or param.device, dtype=dtype or param.dtype, static=static)
             for _ in self.layers
         ]
 
@@ -143,13 +145,13 @@ class BitNetTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                 start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():                              # (a captured step checks nothing)
             self.check_tokens(tokens)
             if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
-        end = (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + tokens.shape[1]
-        if end > self.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
+            end = (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + tokens.shape[1]
+            if end > self.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], start_pos)

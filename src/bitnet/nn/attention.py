@@ -19,10 +19,14 @@ class KVCache(nn.Module):
     Rows may sit at different positions (continuous batching): pass a LongTensor ``start_pos`` of
     shape (batch,) to :meth:`update` for one-token decode steps, and use :meth:`row` to prefill one
     row on its own.
+
+    ``static=True``: with per-row positions, :meth:`update` returns the whole cache (max_len positions;
+    attention masks the ones past each row's position) and reads no value back to Python, so the shapes
+    of a decode step never change and the step can be captured (torch.compile fullgraph, CUDA graphs).
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32,
-                 _storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 _storage: tuple[torch.Tensor, torch.Tensor] | None = None, static: bool = False):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         k, v = _storage if _storage is not None else (torch.zeros(shape, device=device, dtype=dtype),
@@ -31,11 +35,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", v, persistent=False)
         self.max_len = max_len
         self.length = 0
+        self.static = static
 
     def row(self, index: int) -> "KVCache":
         """A cache of batch 1 that shares row ``index``'s storage (for prefilling one sequence)."""
         k, v = self.k[index:index + 1], self.v[index:index + 1]
-        return KVCache(1, k.shape[1], self.max_len, k.shape[3], _storage=(k, v))
+        return KVCache(1, k.shape[1], self.max_len, k.shape[3], _storage=(k, v), static=self.static)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, kv_heads, T, hd) at ``start_pos``; return all keys/values so far.
@@ -46,6 +51,11 @@ class KVCache(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if k.shape[2] != 1:
                 raise ValueError(f"per-row positions need one new token per row, got {k.shape[2]}")
+            if self.static:                      # fixed shapes, no host sync: positions are checked by the caller
+                rows = torch.arange(k.shape[0], device=k.device)
+                self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)             # (B, Hkv, hd)
+                self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
+                return self.k, self.v
             end = int(start_pos.max()) + 1
             if end > self.max_len:
                 raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")

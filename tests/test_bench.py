@@ -41,3 +41,17 @@ def test_cli_bench_parser():
 
     args = build_parser().parse_args(["bench", "--no-kernels", "--shapes", "small", "--layers", "1"])
     assert args.layers == 1 and args.func is not None and args.kinds == "packed,fp32,bf16"
+
+
+def test_gpu_decode_benchmark_dry_run(capsys):
+    """benchmarks/bench_gpu_decode.py runs end to end (tiny model on CPU, captured step traced)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--dry-run", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "captured" in out and "eager" in out

@@ -1,15 +1,20 @@
 """The fused CPU inference path of a packed :class:`TransformerBlock` (native backend, eager, no grad).
 
-The module path runs one native call per projection plus ~8 small torch ops per RMSNorm. Here a block
-makes four native calls, each of which normalises its input, quantises it once per token and runs all
-the projections that read it (``bitnet.ops.cpu.BitLinearGroup``):
+The module path runs one native call per projection plus ~40 small torch ops per block. Here:
+
+* with a KV cache (decode and cached prefill), the whole block is **one native call**
+  (``bitnet.ops.cpu.NativeBlock`` -> ``bitnet_block_forward``): RMSNorm + int8 quantisation once per
+  input, q|k|v and gate|up each in one pass over their weights, rotary + cache append + attention in
+  C, the activation and both residuals; the thread pool reads the next projection's weights into
+  cache while attention runs;
+* without a cache (or a cache of another layout), four native calls (``BitLinearGroup``: norm +
+  quantise once + several matrices) with the module's own torch attention (:meth:`BitMGQA.attend`)::
 
     x (B*T, D) --[attn_norm + q|k|v]--> rotary, KV cache, attention --[sub_norm + o]--> + x
       --[ffn_norm + gate|up]--> act(gate) * up --[post_norm + down]--> + x
 
 Outputs equal the module path up to float rounding (the RMSNorm is computed in C, in float32 with a
-double sum of squares, so an activation can round to the neighbouring int8 value). Everything else
-(rotary, cache, attention) is the module's own code, via :meth:`BitMGQA.attend`.
+double sum of squares, so an activation can round to the neighbouring int8 value).
 """
 
 from __future__ import annotations

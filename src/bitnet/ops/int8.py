@@ -63,8 +63,11 @@ def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_matmul_int(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """Exact int32 (M, N) = x_q (M, K) @ w_q (N, K)^T in int64 arithmetic (any device)."""
-    return (x_q.to(torch.int64) @ w_q.to(torch.int64).T).to(torch.int32)
+    """Exact int32 (M, N) = x_q (M, K) @ w_q (N, K)^T: int64 arithmetic on CPU, float64 elsewhere (CUDA has
+    no integer matmul; exact too, |acc| <= 2**14 * K << 2**53)."""
+    if x_q.device.type == "cpu":
+        return (x_q.to(torch.int64) @ w_q.to(torch.int64).T).to(torch.int32)
+    return (x_q.to(torch.float64) @ w_q.to(torch.float64).T).round().to(torch.int32)
 
 
 def reference_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -128,8 +131,23 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if tuple(w_scale.shape) != (n,):
         raise ValueError(f"w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
     x2 = x.reshape(-1, k)
-    if not _native_ok(x2, w_q, w_scale, bias) or k > MAX_K or torch.compiler.is_compiling():
-        return reference_linear(x2, w_q, w_scale, bias, bits).reshape(*lead, n)
+    if isa is None and not _plain_eager(x2, w_q, w_scale, bias):
+        return _op_int8_linear(x2, w_q, w_scale, bias, int(bits)).reshape(*lead, n)   # traceable op
+    return _impl_int8_linear(x2, w_q, w_scale, bias, int(bits), isa).reshape(*lead, n)
+
+
+def _impl_int8_linear(x2, w_q, w_scale, bias, bits, isa=None):
+    """The backend's int8 linear of x2 (M, K): native CPU, Triton (CUDA), else the torch reference."""
+    from . import backend
+
+    k, n = x2.shape[1], w_q.shape[0]
+    if x2.device.type != "cpu" and backend(x2.device) == "triton":
+        from . import triton_backend as tb
+
+        x_q, x_scale = tb.triton_quantize_activations(x2, bits)
+        return tb.triton_int8_linear(x_q, x_scale, w_q, w_scale.float(), bias)
+    if not _native_ok(x2, w_q, w_scale, bias) or k > MAX_K:
+        return reference_linear(x2, w_q, w_scale, bias, bits)
     x2 = x2.float().contiguous() if x2.dtype != torch.float32 or not x2.is_contiguous() else x2
     w_q = w_q.contiguous()
     ws = w_scale.float().contiguous()
@@ -139,7 +157,24 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     rc = _lib.bitnet_int8_linear(x2.data_ptr(), m, k, k, int(bits), 1e-5, w_q.data_ptr(), n, k, ws.data_ptr(),
                                  None if b is None else b.data_ptr(), out.data_ptr(), n, _isa(isa))
     _cpu._check_rc(rc, "int8_linear")
-    return out.reshape(*lead, n)
+    return out
+
+
+@torch.library.custom_op("bitnet::int8_linear", mutates_args=())
+def _op_int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    bits: int) -> torch.Tensor:
+    return _impl_int8_linear(x, w_q, w_scale, bias, bits)
+
+
+@_op_int8_linear.register_fake
+def _(x, w_q, w_scale, bias, bits):
+    return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
+
+
+def _plain_eager(*tensors) -> bool:
+    from . import _plain_eager as plain
+
+    return plain(*tensors)
 
 
 __all__ = ["MAX_K", "int8_linear", "int8_matmul_int", "native_available", "quantize_weight_int8",

@@ -152,6 +152,35 @@ def _gemm_body(
         tl.store(out_ptrs, acc, mask=o_mask)
 
 
+def _int8_body(
+    x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    # Int8 weights (the int8 LM head): acc (BLOCK_M, BLOCK_N) = x_q (M, K) @ w_q (N, K)^T in int32 (exact),
+    # then y = acc * w_scale[n] / x_scale[m] (+ bias[n]). 2-D grid over (M/BLOCK_M, N/BLOCK_N).
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm              # (BLOCK_M, 1)
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn              # (1, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)   # int8 (BM, BK)
+        w = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)     # int8 (BK, BN)
+        acc = tl.dot(xt, w, acc)                                           # int8 x int8 -> int32
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=1.0)
+    y = tl.math.div_rn(acc.to(tl.float32) * ws[None, :], xs[:, None])    # acc * w_scale / x_scale
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], y,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
 def _act_quant_body(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, eps,
     QP: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
@@ -265,6 +294,7 @@ def _kernels():
             "gemv": triton.jit(_gemv_body),
             "gemm": triton.jit(_gemm_body),
             "act_quant": triton.jit(_act_quant_body),
+            "int8": triton.jit(_int8_body),
         }
         if not mode:
             ns["gemv_tuned"] = triton.autotune(
@@ -457,6 +487,40 @@ def triton_ternary_linear(
         split_k = 1
     out = torch.empty(m, n, dtype=torch.float32, device=x_q.device)
     return _launch(x_q, w_packed, k, out, xs, ws, bias, True, kernel, split_k)
+
+
+def triton_int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Int8-weight linear (the int8 LM head): ``y = (x_q @ w_q^T) * w_scale[n] / x_scale[m] (+ bias)``.
+
+    Args: x_q int8 (M, K); x_scale float32 (M,) or (M, 1); w_q int8 (N, K); w_scale float32 (N,);
+    bias float (N,) or None. Returns float32 (M, N); the integer product is exact (int8 ``tl.dot``).
+    """
+    _require_triton()
+    if x_q.dtype != torch.int8 or x_q.dim() != 2 or w_q.dtype != torch.int8 or w_q.dim() != 2 \
+            or w_q.shape[1] != x_q.shape[1]:
+        raise ValueError(f"x_q (M, K) and w_q (N, K) must be int8 with equal K, got {x_q.dtype} "
+                         f"{tuple(x_q.shape)} and {w_q.dtype} {tuple(w_q.shape)}")
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    if x_scale.dtype != torch.float32 or x_scale.numel() != m:
+        raise ValueError(f"x_scale must be float32 with M={m} values, got {x_scale.dtype} {tuple(x_scale.shape)}")
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
+        raise ValueError(f"w_scale must be a float32 ({n},) tensor, got {w_scale.dtype} {tuple(w_scale.shape)}")
+    tensors = [x_q, x_scale, w_q, w_scale] + ([bias] if bias is not None else [])
+    _check_device(*tensors)
+    out = torch.empty(m, n, dtype=torch.float32, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    xs, ws = x_scale.reshape(m).contiguous(), w_scale.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    bm, bn, bk = (16, 32, 32) if interpret_mode() else (16, 64, 128)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _kernels()["int8"][grid](x_q, w_q, out, xs, ws, b if b is not None else ws, m, n, k, x_q.stride(0),
+                             w_q.stride(0), out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             HAS_BIAS=b is not None)
+    return out
 
 
 def triton_quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:

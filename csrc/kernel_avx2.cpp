@@ -26,9 +26,9 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Register tile: RT weight rows x MT tokens.
+// Register tile: RT weight rows x MT tokens. pf: prefetch distance in bytes from the data being read.
 template <int RT, int MT>
-inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
+inline void tile(const GemmArgs& a, int64_t m, int64_t n, int64_t pf) {
   const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* wr[RT];
@@ -46,9 +46,9 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
       for (int t = 0; t < MT; ++t) a16[r][t] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
       for (int r = 0; r < RT; ++r) {
-        // Weights are streamed once (decode): fetch the same column of the next RT rows ahead of time,
-        // so that the loads are not limited by memory latency when the weights are not in cache.
-        if (kPrefetch && (b & 1) == 0) _mm_prefetch((const char*)(wr[r] + RT * a.ldw + 32 * b), _MM_HINT_T0);
+        // Weights are streamed once (decode): fetch them ahead of time, so that the loads are not
+        // limited by memory latency when the weights are not in cache.
+        if (kPrefetch && (b & 1) == 0) _mm_prefetch((const char*)(wr[r] + pf + 32 * b), _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * b));
         const __m256i c0 = _mm256_and_si256(wv, m3);
         const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
@@ -74,12 +74,21 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
   }
 }
 
-// All rows n0..n1 for the MT tokens starting at m.
+// All rows n0..n1 for the MT tokens starting at m; prefetch the same columns of the next RT rows.
 template <int RT, int MT>
 inline void rows(const GemmArgs& a, int64_t m, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n);
-  for (; n < n1; ++n) tile<1, MT>(a, m, n);
+  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n, RT * a.ldw);
+  for (; n < n1; ++n) tile<1, MT>(a, m, n, a.ldw);
+}
+
+// Decode GEMV: one row at a time, so the weights are read as one sequential stream per thread,
+// prefetched 4 KB ahead (crossing into the next rows). Measured on Zen 3 with weights streamed from
+// DRAM: ~1.5x the throughput of 4 interleaved row streams, close to a plain read loop.
+constexpr int64_t kGemvPrefetch = 4096;
+
+inline void gemv_rows(const GemmArgs& a, int64_t m, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) tile<1, 1>(a, m, n, kGemvPrefetch);
 }
 
 void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -88,7 +97,7 @@ void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   switch (m1 - m) {
     case 3: rows<1, 3>(a, m, n0, n1); break;
     case 2: rows<2, 2>(a, m, n0, n1); break;
-    case 1: rows<4, 1>(a, m, n0, n1); break;            // decode GEMV: 4 rows at a time
+    case 1: gemv_rows(a, m, n0, n1); break;             // decode GEMV: one token
     default: break;
   }
 }

@@ -20,8 +20,9 @@ inline int32_t hsum(__m256i v) {
 
 inline __m256i widen(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
 
+// pf: prefetch distance (bytes) along each weight row.
 template <int RT, int MT>
-inline void tile(const Int8Args& a, int64_t m, int64_t n) {
+inline void tile(const Int8Args& a, int64_t m, int64_t n, int64_t pf) {
   const int8_t* wr[RT];
   const int8_t* xr[MT];
   for (int r = 0; r < RT; ++r) wr[r] = a.w + (n + r) * a.ldw;
@@ -35,7 +36,7 @@ inline void tile(const Int8Args& a, int64_t m, int64_t n) {
     __m256i xv[MT];
     for (int t = 0; t < MT; ++t) xv[t] = widen(xr[t] + k);
     for (int r = 0; r < RT; ++r) {
-      if ((k & 63) == 0) _mm_prefetch((const char*)(wr[r] + k + 512), _MM_HINT_T0);
+      if ((k & 63) == 0) _mm_prefetch((const char*)(wr[r] + k + pf), _MM_HINT_T0);
       const __m256i wv = widen(wr[r] + k);
       for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(wv, xv[t]));
     }
@@ -53,8 +54,14 @@ inline void tile(const Int8Args& a, int64_t m, int64_t n) {
 template <int RT, int MT>
 inline void rows(const Int8Args& a, int64_t m, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n);
-  for (; n < n1; ++n) tile<1, MT>(a, m, n);
+  for (; n + RT <= n1; n += RT) tile<RT, MT>(a, m, n, 512);
+  for (; n < n1; ++n) tile<1, MT>(a, m, n, 512);
+}
+
+// Decode GEMV: one row at a time = one sequential stream per thread, prefetched 4 KB ahead (into the
+// next rows); streams weights from DRAM faster than several interleaved rows (see kernel_avx2.cpp).
+inline void gemv_rows(const Int8Args& a, int64_t m, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) tile<1, 1>(a, m, n, 4096);
 }
 
 }  // namespace
@@ -65,7 +72,7 @@ void int8_gemm_avx2(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64
   switch (m1 - m) {
     case 3: rows<3, 3>(a, m, n0, n1); break;
     case 2: rows<4, 2>(a, m, n0, n1); break;
-    case 1: rows<4, 1>(a, m, n0, n1); break;            // decode GEMV: 4 rows at a time
+    case 1: gemv_rows(a, m, n0, n1); break;             // decode GEMV: one token
     default: break;
   }
 }

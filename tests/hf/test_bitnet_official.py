@@ -160,3 +160,29 @@ def test_generate_and_hub_offline_error(tmp_path):
     assert out.shape == (1, 7)
     with pytest.raises(OSError, match="offline or unreachable"):
         BitNetForCausalLM.from_pretrained("no-such-org/no-such-bitnet-model")
+
+
+@pytest.mark.parametrize("head", ["fp", "int8"])
+def test_official_model_as_bitnet_transformer_decodes_the_same(tmp_path, head):
+    """to_bitnet_transformer: same logits as the HF-layout model, and the fused native decode path."""
+    from bitnet import BitNetForCausalLM
+    from bitnet.hf.bitnet_official import to_bitnet_transformer
+    from bitnet.models.fused_block import FusedBlock
+
+    write_official(tmp_path)
+    hf = BitNetForCausalLM.from_pretrained(tmp_path)
+    ours = to_bitnet_transformer(hf, head=head)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)                                              # uncached: grouped native projections
+        caches = ours.new_caches(1, 16)
+        steps = [ours(ids[:, :5], caches=caches, start_pos=0)] + \
+            [ours(ids[:, t:t + 1], caches=caches, start_pos=t) for t in range(5, 9)]   # one native call per block
+    tol = 5e-3 if head == "fp" else 3e-2                             # int8 head: per-row weight rounding
+    for out in (got, torch.cat(steps, 1)):
+        assert ((out - ref).norm() / ref.norm()).item() < tol
+        assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert FusedBlock.for_block(ours.layers[0]).native is not None
+    with pytest.raises(ValueError, match="head"):
+        to_bitnet_transformer(hf, head="bf16")

@@ -14,6 +14,7 @@ LAZY_EXPORTS = {
     "BitLlamaConfig": ".configuration_bitllama",
     "BitLlamaForCausalLM": ".bitllama",
     "BitNetForCausalLM": ".bitnet_official",
+    "to_bitnet_transformer": ".bitnet_official",
     "QuantWarmupCallback": ".callbacks",
     "train_bpe_tokenizer": ".tokenizer",
 }

@@ -273,3 +273,72 @@ def _atomic_write(path: str, write) -> None:
 
 
 __all__ = ["BitNetForCausalLM", "HFPackedBitLinear", "llama_config_from_bitnet", "read_safetensors_folder"]
+
+
+@torch.no_grad()
+def to_bitnet_transformer(model: "BitNetForCausalLM", head: str = "int8"):
+    """The same network as a packed :class:`bitnet.models.BitNetTransformer`, which decodes on the fused
+    native CPU path (one native call per block) and works with ``bitnet.generate`` / chat / serve.
+
+    The architectures match one to one: input_layernorm -> ``attn_norm``, q/k/v/o_proj -> ``attn.*``,
+    attn_sub_norm -> ``attn.sub_norm``, post_attention_layernorm -> ``ffn_norm``, gate/up/down_proj ->
+    ``ffn.gate/up/down``, ffn_sub_norm -> ``ffn.post_norm`` (relu² gate, rotary with ``rope_theta``).
+    Packed weights and scales are shared bytes for bytes; embeddings, norms and the head become float32.
+
+    Args:
+        model: a packed (not ``trainable``) :class:`BitNetForCausalLM`.
+        head: ``"int8"`` (default, as :func:`bitnet.pack`) or ``"fp"`` (keep the float head).
+    """
+    from ..convert.pack import pack
+    from ..models import BitNetTransformer
+    from ..nn.int8_linear import Int8Linear
+
+    if head not in ("int8", "fp"):
+        raise ValueError(f"head must be 'int8' or 'fp', got {head!r}")
+    if getattr(model, "trainable", False):
+        raise ValueError("model must be the packed form (BitNetForCausalLM.from_pretrained(..., trainable=False))")
+    cfg = model.config
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope scaling {rope!r} is not supported by BitNetTransformer's rotary table")
+    rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if cfg.hidden_act != "relu2":
+        raise ValueError(f"hidden_act must be 'relu2' (the BitNet b1.58 layout), got {cfg.hidden_act!r}")
+    dim, hidden = cfg.hidden_size, cfg.intermediate_size
+    kwargs = dict(num_tokens=cfg.vocab_size, dim=dim, depth=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                  kv_heads=cfg.num_key_value_heads, ff_mult=(hidden + 0.5) / dim,      # int(dim * ff_mult) == hidden
+                  max_seq_len=cfg.max_position_embeddings, activation="relu2",
+                  rope_base=rope_theta, norm_eps=cfg.rms_norm_eps,
+                  tie_embeddings=bool(cfg.tie_word_embeddings))
+    with torch.device("meta"):
+        out = BitNetTransformer(**kwargs)
+    pack(out, head="fp")
+    f32 = lambda t: t.detach().to(torch.float32)                                      # noqa: E731
+    state = {"embed.weight": f32(model.model.embed_tokens.weight), "norm.weight": f32(model.model.norm.weight)}
+    if not cfg.tie_word_embeddings:
+        state["head.weight"] = f32(model.lm_head.weight)
+    proj = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+            "attn.out_proj": "self_attn.o_proj", "ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj",
+            "ffn.down": "mlp.down_proj"}
+    for i, src in enumerate(model.model.layers):
+        p = f"layers.{i}."
+        state[p + "attn_norm.weight"] = f32(src.input_layernorm.weight)
+        state[p + "ffn_norm.weight"] = f32(src.post_attention_layernorm.weight)
+        state[p + "attn.sub_norm.weight"] = f32(src.self_attn.o_proj.norm.weight)
+        state[p + "ffn.post_norm.weight"] = f32(src.mlp.down_proj.norm.weight)
+        for ours, theirs in proj.items():
+            lin = src.get_submodule(theirs)
+            state[p + ours + ".w_packed"] = lin.w_packed
+            state[p + ours + ".w_scale"] = lin.w_scale
+    missing, unexpected = out.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"layout mismatch: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        out.head.weight = out.embed.weight
+    for m in out.modules():                                       # rotary tables were left on meta
+        if hasattr(m, "build_tables"):
+            m.build_tables(torch.device("cpu"))
+    if head == "int8":
+        out.head = Int8Linear.from_linear(out.head)              # the embedding table stays float32
+    return out.eval()

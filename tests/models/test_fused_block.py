@@ -116,3 +116,19 @@ def test_fused_cache_overflow_names_the_limit():
     caches = m.new_caches(1, 4)
     with torch.no_grad(), pytest.raises(ValueError, match="KV cache is full"):
         m(torch.randint(0, 97, (1, 5)), caches=caches, start_pos=0)
+
+
+def test_block_hooks_still_run_with_a_cache():
+    """The all-blocks native loop skips module calls, so a model with block hooks goes block by block."""
+    m = packed_model()
+    calls = []
+    handle = m.layers[1].register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    caches = m.new_caches(1, 8)
+    tokens = torch.randint(0, 97, (1, 3))
+    with torch.no_grad():
+        hooked = m(tokens, caches=caches, start_pos=0)
+        handle.remove()
+        plain = m(tokens, caches=m.new_caches(1, 8), start_pos=0)
+    assert calls == [torch.Size([1, 3, 128])]
+    assert torch.allclose(hooked, plain, atol=1e-6)
+    assert caches[0].length == 3

@@ -162,6 +162,41 @@ class FusedBlock:
         return positions, end
 
 
+def run_native_stack(blocks, x: torch.Tensor, caches, start_pos) -> Optional[torch.Tensor]:
+    """All ``blocks`` on the one-call native path in a plain loop (no per-block module call, checks or
+    hooks to run), or None when any block or cache cannot take it (the caller then runs the blocks
+    one by one). x (B, T, D) is not modified; returns the new hidden states."""
+    if caches is None or len(caches) != len(blocks) or not blocks:
+        return None
+    if any(b._forward_hooks or b._forward_pre_hooks for b in blocks) or _global_hooks():
+        return None
+    first = use_fused(blocks[0], x)
+    if first is None or first.native is None:
+        return None
+    b, t, d = x.shape
+    runners, native = [], None
+    for block, cache in zip(blocks, caches):
+        r = first if block is blocks[0] else FusedBlock.for_block(block)
+        if r is None or r.native is None:
+            return None
+        native = r._native_attention_positions(cache, start_pos, b, t)
+        if native is None:
+            return None
+        runners.append(r)
+    positions, end = native
+    y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)      # (BT, D), updated in place
+    for r, cache in zip(runners, caches):
+        r.native(y, cache.k, cache.v, positions)
+        cache.__dict__["length"] = end                     # a plain attribute (skips Module.__setattr__)
+    return y.view(b, t, d)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
 def use_fused(block, x: torch.Tensor) -> Optional[FusedBlock]:
     """The fused runner if ``x`` may take the native path now: eval mode, float32 CPU tensor that needs
     no gradient, no torch.compile / modes, the native CPU backend selected; else None."""

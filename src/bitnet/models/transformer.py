@@ -18,7 +18,7 @@ from ..nn.feedforward import BitFeedForward
 from ..nn.layers import check_weights
 from ..nn.norm import RMSNorm
 from ..quant import check_bits
-from .fused_block import use_fused
+from .fused_block import run_native_stack, use_fused
 
 
 class TransformerBlock(nn.Module):
@@ -153,8 +153,12 @@ class BitNetTransformer(nn.Module):
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, None if caches is None else caches[i], start_pos)
+        stacked = run_native_stack(self.layers, x, caches, start_pos)       # packed, CPU, cached: all blocks
+        if stacked is not None:
+            x = stacked
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, None if caches is None else caches[i], start_pos)
         if logits_to_keep:                                                  # e.g. 1 after a prefill
             x = x[:, -logits_to_keep:]
         return self.head(self.norm(x))                                      # (B, T or kept, num_tokens)

@@ -1,8 +1,18 @@
 """Shared test settings."""
 
-import pytest
+import os
 
-from bitnet.convert.pack import torch_threads
+import torch
+
+# Triton decides between its interpreter and the GPU compiler when it is first imported, and some test
+# modules import it indirectly at collection time (transformers does): without a GPU, choose the
+# interpreter here, before any of them, so the Triton kernel tests run on CPU instead of skipping.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from bitnet.convert.pack import torch_threads  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,6 @@ import re
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 

@@ -108,12 +108,11 @@ class FusedBlock:
     def __call__(self, block, x: torch.Tensor, cache, start_pos) -> torch.Tensor:
         attn, ffn = block.attn, block.ffn
         b, t, d = x.shape
-        native = self._native_attention_positions(cache, start_pos, b, t)
+        native = _start_positions(start_pos, b, t)
+        if native is not None and not self.native_cache_ok(cache, b, native[1]):
+            native = None
         if native is not None and self.native is not None:
-            y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)  # (BT, D), updated in place
-            self.native(y, cache.k, cache.v, native[0])
-            cache.length = native[1]
-            return y.view(b, t, d)
+            return _run_native([self], [cache], x, *native)
         x2 = x.reshape(b * t, d)                                                   # (BT, D)
         qkv = self.qkv(x2, *_norm_args(block.attn_norm, d))                     # (BT, D + 2 * kv_dim)
         self.o.prefetch()                                  # the workers read ahead while attention runs
@@ -139,27 +138,38 @@ class FusedBlock:
         x2 = x2 + self.down(h, *_norm_args(ffn.post_norm, h.shape[-1]))          # post_norm + down, residual
         return x2.view(b, t, d)
 
-    def _native_attention_positions(self, cache, start_pos, batch: int, t: int):
-        """(start positions: an int for all rows or an int64 (B,) tensor, end) for the native attention,
-        or None when the torch attention must run (no cache or rotary, a cache of another layout,
-        per-row positions with T > 1). Raises the cache's own error when the new tokens do not fit."""
+    def native_cache_ok(self, cache, batch: int, end: int) -> bool:
+        """Whether the native attention can use ``cache`` (float32, contiguous, ``batch`` rows) and this
+        block's rotary table up to position ``end``. Raises the cache's own error when ``end`` does not fit."""
         if cache is None or not self._rotary_ok:
-            return None
+            return False
         k, v = cache.k, cache.v
         if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.shape[0] != batch
                 or not (k.is_contiguous() and v.is_contiguous())):
-            return None
-        if isinstance(start_pos, torch.Tensor):
-            if t != 1 or start_pos.dtype != torch.int64 or start_pos.device.type != "cpu":
-                return None
-            positions, end = start_pos.contiguous().view(-1), int(start_pos.max()) + 1
-        else:
-            positions, end = int(start_pos), int(start_pos) + t
+            return False
         if end > cache.max_len:
             raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")
-        if end > self._table_len:
-            return None                                    # the rotary module raises its own error
-        return positions, end
+        return end <= self._table_len                      # beyond it the rotary module raises its own error
+
+
+def _start_positions(start_pos, batch: int, t: int):
+    """(start positions: an int for all rows or an int64 (B,) tensor, end) for the native attention, or
+    None when the torch attention must run (per-row positions with T > 1, or not a CPU int64 tensor)."""
+    if isinstance(start_pos, torch.Tensor):
+        if t != 1 or start_pos.dtype != torch.int64 or start_pos.device.type != "cpu":
+            return None
+        return start_pos.contiguous().view(-1), int(start_pos.max()) + 1
+    return int(start_pos), int(start_pos) + t
+
+
+def _run_native(runners, caches, x: torch.Tensor, positions, end: int) -> torch.Tensor:
+    """x (B, T, D) through the one-call native blocks of ``runners`` in order; x itself is not modified."""
+    b, t, d = x.shape
+    y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)      # (BT, D), updated in place
+    for r, cache in zip(runners, caches):
+        r.native(y, cache.k, cache.v, positions)
+        cache.__dict__["length"] = end                     # a plain attribute (skips Module.__setattr__)
+    return y.view(b, t, d)
 
 
 def run_native_stack(blocks, x: torch.Tensor, caches, start_pos) -> Optional[torch.Tensor]:
@@ -174,21 +184,16 @@ def run_native_stack(blocks, x: torch.Tensor, caches, start_pos) -> Optional[tor
     if first is None or first.native is None:
         return None
     b, t, d = x.shape
-    runners, native = [], None
+    native = _start_positions(start_pos, b, t)                # once for all blocks
+    if native is None:
+        return None
+    runners = []
     for block, cache in zip(blocks, caches):
         r = first if block is blocks[0] else FusedBlock.for_block(block)
-        if r is None or r.native is None:
-            return None
-        native = r._native_attention_positions(cache, start_pos, b, t)
-        if native is None:
+        if r is None or r.native is None or not r.native_cache_ok(cache, b, native[1]):
             return None
         runners.append(r)
-    positions, end = native
-    y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)      # (BT, D), updated in place
-    for r, cache in zip(runners, caches):
-        r.native(y, cache.k, cache.v, positions)
-        cache.__dict__["length"] = end                     # a plain attribute (skips Module.__setattr__)
-    return y.view(b, t, d)
+    return _run_native(runners, caches, x, *native)
 
 
 def _global_hooks() -> bool:

@@ -51,17 +51,15 @@ class KVCache(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if k.shape[2] != 1:
                 raise ValueError(f"per-row positions need one new token per row, got {k.shape[2]}")
-            if self.static:                      # fixed shapes, no host sync: positions are checked by the caller
-                rows = torch.arange(k.shape[0], device=k.device)
-                self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)             # (B, Hkv, hd)
-                self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
-                return self.k, self.v
-            end = int(start_pos.max()) + 1
-            if end > self.max_len:
-                raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
+            if not self.static:                  # static: fixed shapes, no host sync (the caller checks)
+                end = int(start_pos.max()) + 1
+                if end > self.max_len:
+                    raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
             rows = torch.arange(k.shape[0], device=k.device)
             self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)                 # (B, Hkv, hd)
             self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
+            if self.static:
+                return self.k, self.v
         else:
             end = start_pos + k.shape[2]
             if end > self.max_len:

@@ -20,6 +20,7 @@
 
 #include "bitnet_native.h"
 #include "int8.h"
+#include "native_services.h"
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -254,18 +255,26 @@ struct Epilogue {
 };
 
 void apply_epilogue(const Epilogue& e, int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (!e.to_float) return;
-  for (int64_t m = m0; m < m1; ++m) {
-    int32_t* row = out + m * ldo;
-    const float xs = e.x_scale[m];
-    for (int64_t n = n0; n < n1; ++n) {
-      int32_t acc;
-      std::memcpy(&acc, row + n, 4);
-      float y = (float)acc * e.w_scale / xs;   // same order as the reference: acc * w_scale / x_scale
-      if (e.bias) y += e.bias[n];
-      std::memcpy(row + n, &y, 4);
-    }
-  }
+  if (e.to_float) float_epilogue(out, ldo, m0, m1, n0, n1, e.x_scale, e.w_scale, nullptr, e.bias);
+}
+
+// Decode (GEMV, M <= 3) of nmat matrices reading the same activations, in one parallel region over row
+// chunks of all of them: ~4 chunks per thread so that a slow core does not hold the others up.
+void run_decode(const Kernel& k, const GemmArgs* args, const Epilogue* epis, const int64_t* n, int nmat, int64_t M) {
+  const int64_t nthreads = pool()->size();
+  int64_t total = 0;
+  for (int j = 0; j < nmat; ++j) total += n[j];
+  const int64_t chunk = std::max<int64_t>(16, round_up((total + nthreads * 4 - 1) / (nthreads * 4), 8));
+  struct Task { int j; int64_t n0, n1; };
+  std::vector<Task> tasks;
+  for (int j = 0; j < nmat; ++j)
+    for (int64_t r = 0; r < n[j]; r += chunk) tasks.push_back(Task{j, r, std::min(n[j], r + chunk)});
+  parallel_for((int64_t)tasks.size(), [&](int64_t t) {
+    const Task& tk = tasks[(size_t)t];
+    const GemmArgs& a = args[tk.j];
+    k.gemm(a, 0, M, tk.n0, tk.n1);
+    apply_epilogue(epis[tk.j], a.out, a.ldo, 0, M, tk.n0, tk.n1);
+  });
 }
 
 void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e) {
@@ -278,15 +287,7 @@ void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Ep
     return;
   }
   if (M <= 3) {
-    // Decode (GEMV): split rows; ~4 chunks per thread so a slow core does not hold the others up.
-    int64_t chunk = round_up((N + nthreads * 4 - 1) / (nthreads * 4), 8);
-    chunk = std::max<int64_t>(chunk, 16);
-    const int64_t ntasks = (N + chunk - 1) / chunk;
-    parallel_for(ntasks, [&](int64_t t) {
-      const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
-      k.gemm(a, 0, M, n0, n1);
-      apply_epilogue(e, a.out, a.ldo, 0, M, n0, n1);
-    });
+    run_decode(k, &a, &e, &N, 1, M);
     return;
   }
   // Prefill (GEMM): tiles of MB tokens x NB rows; a tile's weights (NB rows) stay in L1/L2 and every
@@ -390,6 +391,21 @@ int native_resolve(int isa, Kernel* k, int* resolved) {
   return resolve_isa(isa, k);
 }
 int native_threads() { return pool()->size(); }
+
+void float_epilogue(int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                    const float* x_scale, float w_scale, const float* w_scale_n, const float* bias) {
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* row = out + m * ldo;
+    const float xs = x_scale[m];
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t acc;
+      std::memcpy(&acc, row + n, 4);
+      float y = (float)acc * (w_scale_n ? w_scale_n[n] : w_scale) / xs;   // acc * w_scale / x_scale
+      if (bias) y += bias[n];
+      std::memcpy(row + n, &y, 4);
+    }
+  }
+}
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn) { parallel_for(ntasks, fn); }
 }  // namespace bitnet
 
@@ -501,19 +517,7 @@ int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, in
     for (int j = 0; j < nmat; ++j) run_gemm(k, args[(size_t)j], M, n[j], epis[(size_t)j]);
     return BITNET_OK;
   }
-  // Decode: one parallel region over row chunks of all matrices (one wake-up of the pool per call).
-  const int64_t nthreads = pool()->size();
-  const int64_t chunk = std::max<int64_t>(16, round_up((total + nthreads * 4 - 1) / (nthreads * 4), 8));
-  struct Task { int j; int64_t n0, n1; };
-  std::vector<Task> tasks;
-  for (int j = 0; j < nmat; ++j)
-    for (int64_t r = 0; r < n[j]; r += chunk) tasks.push_back(Task{j, r, std::min(n[j], r + chunk)});
-  parallel_for((int64_t)tasks.size(), [&](int64_t t) {
-    const Task& tk = tasks[(size_t)t];
-    const GemmArgs& a = args[(size_t)tk.j];
-    k.gemm(a, 0, M, tk.n0, tk.n1);
-    apply_epilogue(epis[(size_t)tk.j], a.out, a.ldo, 0, M, tk.n0, tk.n1);
-  });
+  run_decode(k, args.data(), epis.data(), n, nmat, M);   // one wake-up of the pool for all matrices
   return BITNET_OK;
 }
 

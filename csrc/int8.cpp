@@ -38,18 +38,7 @@ struct Epi {
 };
 
 void epilogue(const Epi& e, int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (!e.x_scale) return;
-  for (int64_t m = m0; m < m1; ++m) {
-    int32_t* row = out + m * ldo;
-    const float xs = e.x_scale[m];
-    for (int64_t n = n0; n < n1; ++n) {
-      int32_t acc;
-      std::memcpy(&acc, row + n, 4);
-      float y = (float)acc * e.w_scale[n] / xs;   // as the reference: acc * w_scale / x_scale
-      if (e.bias) y += e.bias[n];
-      std::memcpy(row + n, &y, 4);
-    }
-  }
+  if (e.x_scale) float_epilogue(out, ldo, m0, m1, n0, n1, e.x_scale, 0.0f, e.w_scale, e.bias);
 }
 
 void run(int8_gemm_fn g, const Int8Args& a, int64_t M, int64_t N, const Epi& e) {
@@ -72,12 +61,6 @@ void run(int8_gemm_fn g, const Int8Args& a, int64_t M, int64_t N, const Epi& e) 
     g(a, m0, m1, n0, n1);
     epilogue(e, a.out, a.ldo, m0, m1, n0, n1);
   });
-}
-
-float act_scale(float amax, float eps, int qp) {  // as api.cpp / torch: (1 / max(amax, eps)) * Qp
-  const float a = amax < eps ? eps : amax;
-  const float r = 1.0f / a;
-  return r * (float)qp;
 }
 
 int check(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldw, int64_t ldo) {
@@ -114,18 +97,12 @@ int bitnet_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, int bi
   int resolved;
   if ((rc = native_resolve(isa, &k, &resolved))) return rc;
   if (M == 0 || N == 0) return BITNET_OK;
-  const int qp = (1 << (bits - 1)) - 1;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs;
   const int64_t ldq = std::max<int64_t>(K, 1);
   if ((int64_t)xq.size() < M * ldq) xq.resize((size_t)(M * ldq));
   if ((int64_t)xs.size() < M) xs.resize((size_t)M);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
-    const float s = act_scale(k.absmax(xr, K), eps, qp);
-    xs[m] = s;
-    k.quant(xr, K, s, (float)(-qp - 1), (float)qp, xq.data() + m * ldq);
-  }
+  if ((rc = bitnet_quantize_act(x, M, K, ldx, bits, eps, xq.data(), ldq, xs.data(), resolved))) return rc;
   Epi e;
   e.x_scale = xs.data(); e.w_scale = w_scale; e.bias = bias;
   const Int8Args a{xq.data(), ldq, w, ldw, K, reinterpret_cast<int32_t*>(out), ldo};

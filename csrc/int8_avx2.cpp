@@ -6,17 +6,11 @@
 // Register tile: RT weight rows x MT tokens (each widened weight vector serves MT tokens).
 #include <immintrin.h>
 
+#include "hsum_x86.h"
 #include "int8.h"
 
 namespace bitnet {
 namespace {
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 inline __m256i widen(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
 

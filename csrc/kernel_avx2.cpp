@@ -8,6 +8,7 @@
 // end by subtracting sum_k x[k].
 #include <immintrin.h>
 
+#include "hsum_x86.h"
 #include "kernels.h"
 
 namespace bitnet {
@@ -18,13 +19,6 @@ constexpr int kI16Blocks = 8;
 #define BITNET_PREFETCH 1
 #endif
 constexpr bool kPrefetch = BITNET_PREFETCH;  // blocks accumulated in int16 before widening (8 * 2048 < 32767)
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // Register tile: RT weight rows x MT tokens. pf: prefetch distance in bytes from the data being read.
 template <int RT, int MT>

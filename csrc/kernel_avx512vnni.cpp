@@ -11,6 +11,7 @@
 #endif
 #include <immintrin.h>
 
+#include "hsum_x86.h"
 #include "kernels.h"
 
 #if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
@@ -26,11 +27,7 @@ void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, i
 namespace {
 
 inline int32_t hsum(__m512i v) {
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
+  return hsum(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
 template <int RT, int MT>

@@ -3,6 +3,7 @@
 // activations, four products summed straight into int32 lanes; -sum(x) applied at the end.
 #include <immintrin.h>
 
+#include "hsum_x86.h"
 #include "kernels.h"
 
 #if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
@@ -13,13 +14,6 @@
 
 namespace bitnet {
 namespace {
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 template <int RT, int MT>
 inline void tile(const GemmArgs& a, int64_t m, int64_t n) {

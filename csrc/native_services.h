@@ -11,4 +11,10 @@ int native_resolve(int isa, Kernel* k, int* resolved);   // BITNET_OK or BITNET_
 int native_threads();
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 
+// The float epilogue of every linear, in place over out[m0:m1, n0:n1] (int32 accumulators in, float32 out):
+//   y = acc * w / x_scale[m] (+ bias[n]),  w = w_scale_n[n] (per output row) or w_scale when w_scale_n is null
+// evaluated in this order in float32, as the torch reference does.
+void float_epilogue(int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                    const float* x_scale, float w_scale, const float* w_scale_n, const float* bias);
+
 }  // namespace bitnet

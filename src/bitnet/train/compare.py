@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..nn.layers import WEIGHTS_CHOICES
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, save_plot, train
 
 COLUMNS = ("weights", "params", "final_train_loss", "final_val_loss", "val_bpb", "tokens_per_s", "time_s",
            "run_dir")
@@ -75,15 +75,7 @@ def plot_compare(rows: list[dict], out_path: Path) -> Path | None:
         pts = [(int(x["step"]), float(x["val_loss"])) for x in log if x["val_loss"]]
         if pts:
             ax.plot(*zip(*pts), "o-", ms=3, lw=1.5, label=_name(r["weights"]))
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title("BitNet b1.58 vs b1 vs full precision")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_plot(fig, ax, out_path, "validation loss (nats / byte)", "BitNet b1.58 vs b1 vs full precision")
 
 
 def compare(config: TrainConfig | None = None, weights: Sequence[str] = ("1.58", "1", "fp"),

@@ -316,9 +316,16 @@ def plot_log(log_path: Path, out_path: Path) -> Path | None:
         ax.plot(*zip(*tr), label="train", lw=1)
     if va:
         ax.plot(*zip(*va), "o-", label="validation", lw=1.5)
+    return save_plot(fig, ax, out_path, "loss (nats / byte)", log_path.parent.name)
+
+
+def save_plot(fig, ax, out_path: Path, ylabel: str, title: str) -> Path:
+    """Label a loss-per-step plot (grid, legend), write it to ``out_path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.set_title(log_path.parent.name)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

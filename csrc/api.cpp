@@ -12,6 +12,7 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,6 +41,17 @@ uint64_t xgetbv0() {
   __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return ((uint64_t)hi << 32) | lo;
 }
+
+// AMX tile data is an XSAVE feature the Linux kernel enables per process on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); asked once, at detection. Other OSes: not used.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return false;
+#endif
+}
 #endif
 
 Features detect() {
@@ -56,11 +68,14 @@ Features detect() {
     __cpuid_count(7, 0, a, b, c, d);
     const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
     const bool avx512vnni = (c >> 11) & 1;
+    const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+    const bool os_amx = (xcr0 & 0x60000) == 0x60000;   // XTILECFG and XTILEDATA
     __cpuid_count(7, 1, a, b, c, d);
     const bool avxvnni = (a >> 4) & 1;
     f.isa[BITNET_ISA_AVX2] = os_avx && avx && avx2 && fma;
     f.isa[BITNET_ISA_AVXVNNI] = f.isa[BITNET_ISA_AVX2] && avxvnni;
     f.isa[BITNET_ISA_AVX512VNNI] = f.isa[BITNET_ISA_AVX2] && os_avx512 && avx512f && avx512bw && avx512vl && avx512vnni;
+    f.isa[BITNET_ISA_AMX] = f.isa[BITNET_ISA_AVX512VNNI] && amx_tile && amx_int8 && os_amx && request_amx_permission();
   }
   if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
     char s[49] = {};
@@ -102,6 +117,9 @@ bool compiled(int isa) {
 #if defined(BITNET_HAVE_AVX512VNNI)
     case BITNET_ISA_AVX512VNNI: return true;
 #endif
+#if defined(BITNET_HAVE_AMX)
+    case BITNET_ISA_AMX: return true;
+#endif
     default: return false;
   }
 }
@@ -122,12 +140,15 @@ Kernel kernel_for(int isa) {
 #if defined(BITNET_HAVE_AVX512VNNI)
     case BITNET_ISA_AVX512VNNI: return kernel_avx512vnni();
 #endif
+#if defined(BITNET_HAVE_AMX)
+    case BITNET_ISA_AMX: return kernel_amx();
+#endif
     default: return kernel_scalar();
   }
 }
 
 int best_isa() {
-  static const int order[] = {BITNET_ISA_AVX512VNNI, BITNET_ISA_AVXVNNI, BITNET_ISA_AVX2, BITNET_ISA_NEON};
+  static const int order[] = {BITNET_ISA_AMX, BITNET_ISA_AVX512VNNI, BITNET_ISA_AVXVNNI, BITNET_ISA_AVX2, BITNET_ISA_NEON};
   for (int isa : order)
     if (supported(isa)) return isa;
   return BITNET_ISA_SCALAR;
@@ -202,6 +223,8 @@ struct XBuf {
   std::vector<int8_t> x;    // (M, ldx)
   std::vector<int32_t> sum; // (M,)
   std::vector<int8_t> tmp;  // scratch rows for quantisation into the interleaved layout
+  std::vector<int8_t> xv;   // x in the panel kernels' VNNI layout (kernels.h), built on first use
+  bool xv_ready = false;
   int64_t ldx = 0;
 };
 
@@ -232,6 +255,7 @@ XBuf& scratch() {
 void prepare(XBuf& xb, int64_t M, int64_t K, const Kernel& k) {
   const int64_t kp = round_up(K, 128);
   xb.ldx = k.pair_interleave ? round_up(kp, 256) : kp;
+  xb.xv_ready = false;
   if ((int64_t)xb.x.size() < M * xb.ldx) xb.x.resize((size_t)(M * xb.ldx));
   if ((int64_t)xb.sum.size() < M) xb.sum.resize((size_t)M);
 }
@@ -277,8 +301,38 @@ void run_decode(const Kernel& k, const GemmArgs* args, const Epilogue* epis, con
   });
 }
 
-void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e) {
+// x (M, ldx) of xb in the panel kernel's VNNI layout (kernels.h), once per quantised input.
+void build_xv(const Kernel& k, XBuf& xb, int64_t M) {
+  if (xb.xv_ready) return;
+  const int64_t groups = (M + 15) / 16;
+  if ((int64_t)xb.xv.size() < groups * 16 * xb.ldx) xb.xv.resize((size_t)(groups * 16 * xb.ldx));
+  parallel_for(groups, [&](int64_t g) { k.panel_pack(xb.x.data(), xb.ldx, M, g, xb.xv.data()); });
+  xb.xv_ready = true;
+}
+
+// Prefill on a matrix unit: tasks of up to 128 tokens x a range of weight rows (the kernel unpacks
+// 32 rows at a time and reuses them for all the task's tokens).
+void run_panel_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e, XBuf& xb) {
+  build_xv(k, xb, M);
+  const PanelEpilogue pe{e.to_float ? e.x_scale : nullptr, e.w_scale, e.bias};
+  const int64_t nthreads = pool()->size();
+  const int64_t MC = kPanelMaxM;
+  const int64_t mt = (M + MC - 1) / MC;
+  int64_t NB = 128;
+  while (NB > 32 && mt * ((N + NB - 1) / NB) < nthreads * 4) NB /= 2;
+  const int64_t nt = (N + NB - 1) / NB;
+  parallel_for(mt * nt, [&](int64_t t) {
+    const int64_t mi = t / nt, ni = t % nt;
+    k.panel(a, xb.xv.data(), pe, mi * MC, std::min(M, (mi + 1) * MC), ni * NB, std::min(N, (ni + 1) * NB));
+  });
+}
+
+void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e, XBuf& xb) {
   if (M == 0 || N == 0) return;
+  if (k.panel && M >= kPanelMinM) {
+    run_panel_gemm(k, a, M, N, e, xb);
+    return;
+  }
   const int64_t nthreads = pool()->size();
   const int64_t work = M * N * std::max<int64_t>(a.nblk, 1);  // block-products
   if (nthreads == 1 || work < 4096) {
@@ -325,7 +379,7 @@ int matmul_common(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint
       xb.sum[m] = place_row(x + m * ldx, K, xb.x.data() + m * xb.ldx, xb.ldx, k.pair_interleave != 0);
   });
   const GemmArgs a{xb.x.data(), xb.ldx, xb.sum.data(), w, ldw, round_up(K, 128) / 128, out, ldo};
-  run_gemm(k, a, M, N, e);
+  run_gemm(k, a, M, N, e, xb);
   return BITNET_OK;
 }
 
@@ -416,7 +470,7 @@ extern "C" {
 int bitnet_abi_version(void) { return BITNET_ABI_VERSION; }
 
 const char* bitnet_isa_name(int isa) {
-  static const char* names[] = {"scalar", "neon", "avx2", "avxvnni", "avx512vnni"};
+  static const char* names[] = {"scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx"};
   return isa >= 0 && isa < BITNET_ISA_COUNT ? names[isa] : "";
 }
 
@@ -514,7 +568,7 @@ int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, in
     off += n[j];
   }
   if (M > 3 || pool()->size() == 1 || M * total * nblk < 4096) {
-    for (int j = 0; j < nmat; ++j) run_gemm(k, args[(size_t)j], M, n[j], epis[(size_t)j]);
+    for (int j = 0; j < nmat; ++j) run_gemm(k, args[(size_t)j], M, n[j], epis[(size_t)j], xb);
     return BITNET_OK;
   }
   run_decode(k, args.data(), epis.data(), n, nmat, M);   // one wake-up of the pool for all matrices

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 2
+#define BITNET_ABI_VERSION 3
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -33,7 +33,8 @@ enum {
   BITNET_ISA_AVX2 = 2,
   BITNET_ISA_AVXVNNI = 3,
   BITNET_ISA_AVX512VNNI = 4,
-  BITNET_ISA_COUNT = 5
+  BITNET_ISA_AMX = 5,          /* AMX-INT8 tiles for prefill-sized GEMMs, AVX-512 VNNI otherwise */
+  BITNET_ISA_COUNT = 6
 };
 
 enum {
@@ -44,7 +45,7 @@ enum {
 };
 
 BITNET_API int bitnet_abi_version(void);
-BITNET_API const char* bitnet_isa_name(int isa);        /* "scalar", "neon", "avx2", "avxvnni", "avx512vnni" */
+BITNET_API const char* bitnet_isa_name(int isa);        /* "scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx" */
 BITNET_API int bitnet_isa_compiled(int isa);           /* 1 if this build has a kernel for it */
 BITNET_API int bitnet_isa_supported(int isa);          /* compiled AND the running CPU/OS supports it */
 BITNET_API int bitnet_best_isa(void);

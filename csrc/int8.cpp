@@ -25,7 +25,8 @@ namespace {
 
 int8_gemm_fn int8_kernel_for(int isa) {
 #if defined(BITNET_HAVE_AVX2)
-  if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI) return int8_gemm_avx2;
+  if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI || isa == BITNET_ISA_AMX)
+    return int8_gemm_avx2;
 #endif
   (void)isa;
   return int8_gemm_scalar;

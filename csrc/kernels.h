@@ -29,12 +29,34 @@ typedef void (*gemm_fn)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, i
 typedef float (*absmax_fn)(const float* x, int64_t K);
 typedef void (*quant_fn)(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
 
+// Prefill-sized GEMM on a matrix unit (AMX): the driver builds, once per call, the activations in the
+// "VNNI" layout: for each group of 16 tokens (m / 16), for each 4-byte k group g of the kernel layout,
+// 64 bytes = 16 tokens x 4 values:  xv[(m / 16) * 16 * ldx + 64 g + 4 (m % 16) + i] = x[m * ldx + 4 g + i]
+// (zero for the padding tokens up to a multiple of 16).
+struct PanelEpilogue {
+  const float* x_scale;  // (M,): float output y = acc * w_scale / x_scale[m] (+ bias[n]); null: int32
+  float w_scale;
+  const float* bias;     // (N,) or null
+};
+// out[m, n] for m in [m0, m1), n in [n0, n1); m0 a multiple of 16, m1 - m0 <= kPanelMaxM.
+typedef void (*panel_fn)(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int64_t m0, int64_t m1,
+                         int64_t n0, int64_t n1);
+
+// Writes token group g (tokens 16g .. 16g + 15 of x (M, ldx), ldx a multiple of 64) of xv.
+typedef void (*panel_pack_fn)(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* xv);
+
 struct Kernel {
   gemm_fn gemm;
   absmax_fn absmax;
   quant_fn quant;
-  int pair_interleave;  // 1: activations in the pair-interleaved layout above
+  int pair_interleave;                // 1: activations in the pair-interleaved layout above
+  panel_fn panel = nullptr;           // set: GEMMs of M >= kPanelMinM tokens go through it (epilogue fused)
+  panel_pack_fn panel_pack = nullptr; // the activation layout `panel` reads
 };
+
+// Below this many tokens the vector kernel is faster than the matrix unit (measured: bench_kernels).
+constexpr int64_t kPanelMinM = 16;
+constexpr int64_t kPanelMaxM = 128;   // tokens per panel call: the driver splits M into such chunks
 
 // Portable helpers shared by all kernels (defined in kernel_scalar.cpp).
 float absmax_scalar(const float* x, int64_t K);
@@ -49,6 +71,9 @@ Kernel kernel_avxvnni();
 #endif
 #if defined(BITNET_HAVE_AVX512VNNI)
 Kernel kernel_avx512vnni();
+#endif
+#if defined(BITNET_HAVE_AMX)
+Kernel kernel_amx();
 #endif
 #if defined(BITNET_HAVE_NEON)
 Kernel kernel_neon();

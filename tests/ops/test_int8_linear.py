@@ -13,7 +13,7 @@ from bitnet.nn import Int8Linear
 from bitnet.ops import cpu as _cpu
 from bitnet.ops import int8 as I
 
-ISAS = [i for i in _cpu.supported_isas() if i in ("scalar", "avx2", "avxvnni", "avx512vnni")] or [None]
+ISAS = [i for i in _cpu.supported_isas() if i in ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")] or [None]
 
 
 @settings(max_examples=25, deadline=None)

@@ -13,7 +13,8 @@ If the library is missing (the package was installed without a C++ compiler) or 
 :data:`LOAD_ERROR` says why and :func:`available` is False; ``bitnet.ops`` then uses the reference
 backend on CPU and ``bitnet.ops.native_info()`` reports the reason.
 
-ISA: the best one the CPU supports (AVX-512 VNNI > AVX-VNNI > AVX2 > NEON > scalar) unless
+ISA: the best one the CPU supports (AMX > AVX-512 VNNI > AVX-VNNI > AVX2 > NEON > scalar; "amx" runs
+prefill-sized matmuls on the AMX-INT8 tile unit and everything else on AVX-512 VNNI) unless
 ``$BITNET_ISA`` names another (a lower one, to test it); every function also takes ``isa=``.
 """
 
@@ -27,11 +28,11 @@ from typing import Optional
 
 import torch
 
-ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni")
+ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None

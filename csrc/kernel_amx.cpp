@@ -1,0 +1,225 @@
+// AMX-INT8 kernel (Sapphire Rapids and later Xeons): prefill-sized GEMMs on the tile unit.
+// Compiled with -mamx-tile -mamx-int8 and the AVX-512 VNNI flags; chosen at run time.
+//
+// Small M (decode) stays on the AVX-512 VNNI kernel (memory bound: tiles would not help). For
+// M >= kAmxMinM the driver hands this kernel panels of 32 weight rows x up to kAmxPanelM tokens:
+//
+//   1. the panel's I2 codes are unpacked ONCE into a (32, ldx) uint8 buffer of codes {0,1,2}, in the
+//      same "pair interleaved" k order as the activations (kernels.h): one 64-byte load + shift/mask
+//      gives 64 codes in that order, no shuffles;
+//   2. C'(n, m) = sum_k codes[n, k] * x[m, k] with TDPBUSD (A = codes, unsigned; B = activations,
+//      signed), 2x2 tiles of 16 rows x 16 tokens, accumulated over all of K in the tile registers.
+//      The activations come in the "VNNI" layout the driver builds once per call (kernels.h: xv);
+//   3. each 16x16 int32 tile is transposed in AVX-512 registers to out[m, n] rows, minus xsum[m]
+//      (codes are W + 1), and the float epilogue y = acc * w_scale / x_scale[m] (+ bias) is applied
+//      there with the same float32 operations, in the same order, as float_epilogue (bit for bit).
+//
+// Weights act as the tile "A" operand so that unpacking needs no transpose; the one transpose per
+// output tile costs ~64 shuffles against K/64 tile products of 16 cycles each.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 false positives inside the AVX-512 headers
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bitnet {
+namespace {
+
+// Tile palette 1: tiles 0-3 accumulators C'(16 weight rows x 16 tokens, int32), 4-5 weight codes A
+// (16 rows x 64 bytes), 6-7 activations B (16 k-groups x 16 tokens x 4 bytes).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 16x16 int32 transpose: r[i] holds row i on entry, column i on exit.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + e], lane l: rows g..g+3 of column 4l + e
+    u[g + 0] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // gather lane l of u[e], u[4+e], u[8+e], u[12+e] into column 4l + e
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// Unpacks weight rows [n0, n0 + rows) (rows <= 32) into tile-major codes: for k step s (64 values
+// of the pair-interleaved k order) and tile i (rows 16i .. 16i + 15), the 16 x 64 codes are the 1 KB
+// at codes + 1024 (2s + i): every tile load reads one contiguous KB. Rows past `rows` are zero
+// (their outputs are discarded), as are steps past the packed blocks (ldx = round_up(Kp, 256)).
+void unpack_panel(const GemmArgs& a, int64_t n0, int rows, uint8_t* codes) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const int64_t npair = a.nblk / 2, steps = a.ldx / 64;
+  const bool odd = (a.nblk & 1) != 0;
+  const int64_t filled = 4 * (npair + (odd ? 1 : 0));  // steps that hold codes
+  const int nrows = rows > 16 ? 32 : 16;
+  // Pair p outer, rows inner: the 4 steps of one pair are 8 KB of codes written in order (rows in the
+  // inner loop would scatter each row's stores 2 KB apart, onto two L1 sets).
+  for (int64_t p = 0; p < npair + (odd ? 1 : 0); ++p) {
+    uint8_t* d0 = codes + 2048 * 4 * p;  // steps 4p .. 4p + 3: shifts 0, 2, 4, 6
+    for (int r = 0; r < nrows; ++r) {
+      uint8_t* d = d0 + 1024 * (r / 16) + 64 * (r % 16);
+      if (r >= rows) {
+        for (int q = 0; q < 4; ++q) _mm512_storeu_si512((void*)(d + 2048 * q), _mm512_setzero_si512());
+        continue;
+      }
+      const uint8_t* src = a.w + (n0 + r) * a.ldw + 64 * p;
+      // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
+      const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
+                                   : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
+      _mm512_storeu_si512((void*)(d), _mm512_and_si512(wv, m3));
+      _mm512_storeu_si512((void*)(d + 2048), _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3));
+      _mm512_storeu_si512((void*)(d + 4096), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3));
+      _mm512_storeu_si512((void*)(d + 6144), _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3));
+    }
+  }
+  if (filled < steps) std::memset(codes + 2048 * filled, 0, (size_t)(2048 * (steps - filled)));
+}
+
+// Writes the 16x16 int32 tile c (row i = weight row n0 + i, column j = token m0 + j) to out[m, n]
+// for m < m0 + mrows, n < n0 + nrows, minus xsum, through the float epilogue when e.x_scale is set.
+void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int64_t m0, int mrows,
+                int64_t n0, int nrows) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512((const void*)(c + 16 * i));
+  transpose16(r);  // r[j]: token m0 + j, weight rows n0 .. n0 + 15
+  const __mmask16 mask = (__mmask16)((1u << nrows) - 1u);
+  const __m512 ws = _mm512_set1_ps(e.w_scale);
+  const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n0) : _mm512_setzero_ps();
+  for (int j = 0; j < mrows; ++j) {
+    const int64_t m = m0 + j;
+    const __m512i acc = _mm512_sub_epi32(r[j], _mm512_set1_epi32(a.xsum[m]));
+    int32_t* o = a.out + m * a.ldo + n0;
+    if (!e.x_scale) {
+      _mm512_mask_storeu_epi32(o, mask, acc);
+      continue;
+    }
+    // float_epilogue: y = (float)acc * w_scale / x_scale[m] (+ bias[n]), float32, same order
+    __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), ws), _mm512_set1_ps(e.x_scale[m]));
+    if (e.bias) y = _mm512_add_ps(y, bias);
+    _mm512_mask_storeu_ps(reinterpret_cast<float*>(o), mask, y);
+  }
+}
+
+// C' tiles for NA x 16 weight rows (tile-major codes, see unpack_panel) and NB x 16 tokens, summed
+// over all k steps in the tile registers, stored to c (A-tile i, B-tile j at 256 (2i + j) int32).
+// xv_m: the activations of the first token group (16 tokens, kernels.h layout); the next group
+// follows at 16 * ldx. (Splitting K into L1-sized chunks, with C stored and reloaded between them,
+// measured up to 2x slower: a tile reloaded right after its store stalls.)
+template <int NA, int NB>
+void tile_block(const uint8_t* codes, int64_t ldx, const int8_t* xv_m, int32_t* c) {
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (NA > 1) _tile_zero(2);
+  if (NA > 1 && NB > 1) _tile_zero(3);
+  const int64_t steps = ldx / 64, group = 16 * ldx;
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, codes + 2048 * s, 64);
+    if (NA > 1) _tile_loadd(5, codes + 2048 * s + 1024, 64);
+    _tile_loadd(6, xv_m + 1024 * s, 64);
+    if (NB > 1) _tile_loadd(7, xv_m + group + 1024 * s, 64);
+    _tile_dpbusd(0, 4, 6);
+    if (NB > 1) _tile_dpbusd(1, 4, 7);
+    if (NA > 1) _tile_dpbusd(2, 5, 6);
+    if (NA > 1 && NB > 1) _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  if (NB > 1) _tile_stored(1, c + 256, 64);
+  if (NA > 1) _tile_stored(2, c + 512, 64);
+  if (NA > 1 && NB > 1) _tile_stored(3, c + 768, 64);
+}
+
+// Tokens [m0, m1) x one panel of <= 32 weight rows [n0, n1), 32 tokens at a time.
+template <int NA>
+void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const uint8_t* codes, const int8_t* xv,
+                int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* c) {
+  for (int64_t m = m0; m < m1; m += 32) {
+    const int8_t* xv_m = xv + (m / 16) * 16 * a.ldx;
+    const bool two = m + 16 < m1;
+    if (two) tile_block<NA, 2>(codes, a.ldx, xv_m, c);
+    else tile_block<NA, 1>(codes, a.ldx, xv_m, c);
+    for (int i = 0; i < NA; ++i) {
+      const int64_t n = n0 + 16 * i;
+      const int nrows = (int)std::min<int64_t>(16, n1 - n);
+      for (int j = 0; j < (two ? 2 : 1); ++j) {
+        const int64_t mt = m + 16 * j;
+        store_tile(a, e, c + 512 * i + 256 * j, mt, (int)std::min<int64_t>(16, m1 - mt), n, nrows);
+      }
+    }
+  }
+}
+
+// Token group g (tokens 16g .. 16g + 15 of x (M, ldx)) in the VNNI layout of kernels.h: 16 x 16 dword
+// transposes (rows = tokens, columns = 4-byte k groups); tokens past M are zero.
+void pack_group_amx(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* xv) {
+  int8_t* dst = xv + g * 16 * ldx;
+  for (int64_t c = 0; c < ldx / 64; ++c) {
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t m = 16 * g + j;
+      r[j] = m < M ? _mm512_loadu_si512((const void*)(x + m * ldx + 64 * c)) : _mm512_setzero_si512();
+    }
+    transpose16(r);  // r[q]: k group 16c + q of the 16 tokens
+    for (int q = 0; q < 16; ++q) _mm512_storeu_si512((void*)(dst + 64 * (16 * c + q)), r[q]);
+  }
+}
+
+void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int64_t m0, int64_t m1,
+               int64_t n0, int64_t n1) {
+  thread_local std::vector<uint8_t> codes;
+  alignas(64) int32_t c[1024];
+  if ((int64_t)codes.size() < 32 * a.ldx) codes.resize((size_t)(32 * a.ldx));
+  load_tile_config();
+  for (int64_t n = n0; n < n1; n += 32) {
+    const int rows = (int)std::min<int64_t>(32, n1 - n);
+    unpack_panel(a, n, rows, codes.data());
+    if (rows > 16) panel_rows<2>(a, e, codes.data(), xv, m0, m1, n, n + rows, c);
+    else panel_rows<1>(a, e, codes.data(), xv, m0, m1, n, n + rows, c);
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+Kernel kernel_amx() {
+  Kernel k = kernel_avx512vnni();  // decode and small M; same activation layout
+  k.panel = panel_amx;
+  k.panel_pack = pack_group_amx;
+  return k;
+}
+
+}  // namespace bitnet

@@ -391,6 +391,17 @@ float act_scale(float amax, float eps, int qp) {
   return r * (float)qp;
 }
 
+// sum_k x[k]^2 in float64 (each square is exact), in 8 interleaved partial sums added pairwise: a fixed
+// order (the same result on every ISA and thread count) without one long chain of dependent adds.
+double sum_squares(const float* x, int64_t K) {
+  double acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += (double)x[i + l] * (double)x[i + l];
+  for (int l = 0; i < K; ++i, ++l) acc[l] += (double)x[i] * (double)x[i];
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
 // Per-token absmax quantisation of x (M, K) float32 into the kernel layout of xb; xs[m] = scale.
 // With norm_weight, each row is first RMS-normalised as bitnet.nn.RMSNorm does in float32:
 //   y = (x * rsqrt(mean(x^2) + norm_eps)) * norm_weight
@@ -406,9 +417,7 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * ldx;
       if (norm_weight) {
-        double ss = 0.0;
-        for (int64_t i = 0; i < K; ++i) ss += (double)xr[i] * (double)xr[i];
-        const float r = 1.0f / std::sqrt((float)(ss / (double)K) + norm_eps);
+        const float r = 1.0f / std::sqrt((float)(sum_squares(xr, K) / (double)K) + norm_eps);
         for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
         xr = normed.data();
       }

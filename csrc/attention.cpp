@@ -41,10 +41,11 @@ BITNET_CLONES void attend_one(const float* q, const float* kc, const float* vc, 
     int64_t i = 0;
     for (; i + 16 <= hd; i += 16)
       for (int l = 0; l < 16; ++l) acc[l] += q[i + l] * k[i + l];
-    float s = 0.0f;
-    for (; i < hd; ++i) s += q[i] * k[i];
-    for (int l = 0; l < 16; ++l) s += acc[l];
-    s *= scale;
+    for (int l = 0; i < hd; ++i, ++l) acc[l] += q[i] * k[i];
+    // pairwise, in a fixed order: 16 dependent scalar adds per key were most of the prefill time here
+    for (int w = 8; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    float s = acc[0] * scale;
     w[j] = s;
     mx = s > mx ? s : mx;
   }

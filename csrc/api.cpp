@@ -2,6 +2,7 @@
 // work splitting over the thread pool, float epilogue. See bitnet_native.h.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -509,6 +510,21 @@ void bitnet_set_num_threads(int n) {
 int bitnet_get_num_threads(void) {
   std::lock_guard<std::mutex> lk(g_pool_mu);
   return g_nthreads > 0 ? g_nthreads : cpu_count();
+}
+
+double bitnet_isa_peak_gmacs(int isa) {
+  Kernel k;
+  if (resolve_isa(isa, &k) || !k.peak) return 0.0;
+  k.peak(1000);  // warm up (AMX: first use of the tile state)
+  int64_t macs = 0, iters = 1000;
+  const auto t0 = std::chrono::steady_clock::now();
+  double s = 0.0;
+  while (s < 0.02) {
+    macs += k.peak(iters);
+    iters *= 2;
+    s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return (double)macs / s / 1e9;
 }
 
 int bitnet_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N, int64_t ldw,

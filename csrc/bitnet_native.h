@@ -52,6 +52,8 @@ BITNET_API int bitnet_best_isa(void);
 BITNET_API int bitnet_get_default_isa(void);
 BITNET_API int bitnet_set_default_isa(int isa);        /* BITNET_EISA if unsupported */
 BITNET_API const char* bitnet_cpu_name(void);          /* CPU brand string (x86 cpuid) or "" */
+/* Int8 multiply-add peak of one core with this ISA's instruction (registers only), GMAC/s; 0 if none. */
+BITNET_API double bitnet_isa_peak_gmacs(int isa);
 
 BITNET_API void bitnet_set_num_threads(int n);         /* n <= 0: number of cores */
 BITNET_API int bitnet_get_num_threads(void);

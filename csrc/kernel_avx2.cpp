@@ -124,6 +124,24 @@ void quant_avx2(const float* x, int64_t K, float s, float lo, float hi, int8_t* 
   quant_scalar(x + k, K - k, s, lo, hi, xq + k);
 }
 
+// 8 independent chains of vpmaddubsw + vpaddw (int16 sums, as the GEMM accumulates before it widens):
+// 32 multiply-adds per chain and round.
+int64_t peak_avx2(int64_t iters) {
+  const __m256i s = _mm256_set1_epi8(-1);
+  __m256i acc[8], u[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_si256(), u[j] = _mm256_set1_epi8((char)(j + 1));
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < 8; ++j) {
+      __asm__("" : "+x"(u[j]));  // opaque to the compiler: the products are not hoisted out of the loop
+      acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(u[j], s));
+    }
+  __m256i t = acc[0];
+  for (int j = 1; j < 8; ++j) t = _mm256_add_epi16(t, acc[j]);
+  volatile int32_t sink = _mm256_extract_epi32(t, 0);
+  (void)sink;
+  return iters * 8 * 32;
+}
+
 }  // namespace
 
 float absmax_avx2_shared(const float* x, int64_t K) { return absmax_avx2(x, K); }
@@ -131,6 +149,10 @@ void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, i
   quant_avx2(x, K, s, lo, hi, xq);
 }
 
-Kernel kernel_avx2() { return Kernel{gemm_avx2, absmax_avx2, quant_avx2, 0}; }
+Kernel kernel_avx2() {
+  Kernel k{gemm_avx2, absmax_avx2, quant_avx2, 0};
+  k.peak = peak_avx2;
+  return k;
+}
 
 }  // namespace bitnet

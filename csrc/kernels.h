@@ -45,6 +45,10 @@ typedef void (*panel_fn)(const GemmArgs& a, const int8_t* xv, const PanelEpilogu
 // Writes token group g (tokens 16g .. 16g + 15 of x (M, ldx), ldx a multiple of 64) of xv.
 typedef void (*panel_pack_fn)(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* xv);
 
+// Peak probe: `iters` rounds of the ISA's int8 multiply-accumulate on registers only (independent
+// accumulators, no memory traffic); returns the number of multiply-adds done (bench: % of peak).
+typedef int64_t (*peak_fn)(int64_t iters);
+
 struct Kernel {
   gemm_fn gemm;
   absmax_fn absmax;
@@ -52,6 +56,7 @@ struct Kernel {
   int pair_interleave;                // 1: activations in the pair-interleaved layout above
   panel_fn panel = nullptr;           // set: GEMMs of M >= kPanelMinM tokens go through it (epilogue fused)
   panel_pack_fn panel_pack = nullptr; // the activation layout `panel` reads
+  peak_fn peak = nullptr;
 };
 
 // Below this many tokens the vector kernel is faster than the matrix unit (measured: bench_kernels).

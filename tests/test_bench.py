@@ -36,6 +36,27 @@ def test_kernel_bench_tiny():
     assert rows[0]["N"] == 16 and rows[0]["ours_min_ms"] > 0
 
 
+def test_isa_bench_tiny_has_a_row_per_isa_and_peaks():
+    import io
+
+    import pytest
+
+    from bitnet.ops import cpu as native
+
+    if not native.available():
+        pytest.skip(f"native library not built: {native.LOAD_ERROR}")
+    isas = [i for i in native.supported_isas() if i != "scalar"] or ["scalar"]
+    rows = bench.run_isa_bench(batches=(1, 17), shapes=((40, 300),), isas=isas, budget_s=0.0, bf16=True)
+    assert [(r["M"], r["isa"]) for r in rows] == [(m, i) for m in (1, 17) for i in isas]
+    for r in rows:
+        assert r["gmacs"] > 0 and r["vs_bf16"] > 0
+        assert (r["peak_gmacs"] > 0) == (r["isa"] != "scalar")
+    out = io.StringIO()
+    bench.print_isa_bench(rows, file=out)
+    assert all(i in out.getvalue() for i in isas)
+    assert native.isa_peak_gmacs("scalar") == 0.0
+
+
 def test_cli_bench_parser():
     from bitnet.cli import build_parser
 

@@ -169,6 +169,83 @@ def print_kernel_bench(rows: list[dict], bandwidth: Optional[dict] = None, file=
         pr(line)
 
 
+def run_isa_bench(batches: Sequence[int] = (1, 8, 64, 128, 512),
+                  shapes: Iterable[tuple[int, int]] = BITNET_2B4T_SHAPES,
+                  isas: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+                  budget_s: float = 0.3, bf16: bool = True, seed: int = 0) -> list[dict]:
+    """The packed linear (quantise + ternary matmul + rescale) on each native ISA, side by side (called
+    in turn with torch's bf16 ``F.linear`` of the same shape), in GMAC/s and as a fraction of the ISA's
+    measured single-core int8 peak times the thread count (:func:`bitnet.ops.cpu.isa_peak_gmacs`).
+
+    Returns one dict per (shape, M, isa): N, K, M, isa, ms (median), min_ms, gmacs (from the fastest
+    call), peak_gmacs (per core), fraction_of_peak, bf16_ms / bf16_min_ms, vs_bf16 (ratio of the
+    fastest calls), threads.
+    """
+    from .ops import cpu as native
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        native.set_num_threads(threads)
+    isas = list(isas) if isas else [i for i in native.supported_isas() if i != "scalar"]
+    peaks = {i: native.isa_peak_gmacs(i) for i in isas}
+    nthreads = native.get_num_threads()
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n, k in shapes:
+        w = torch.randint(-1, 2, (n, k), generator=g).to(torch.float32)
+        packed = pack_i2(w)
+        w_bf16 = (w * 0.02).to(torch.bfloat16)
+        for m in batches:
+            x = torch.randn(m, k, generator=g)
+            x_bf16 = x.to(torch.bfloat16)
+            fns = [(lambda isa=isa: native.bitlinear(x, packed, 0.02, k, None, 8, isa=isa)) for isa in isas]
+            if bf16:
+                fns.append(lambda: F.linear(x_bf16, w_bf16))
+            med, mins = _time_side_by_side(fns, budget_s * len(fns), min_reps=2 if m >= 64 else 5)
+            for j, isa in enumerate(isas):
+                gmacs = m * n * k / mins[j] / 1e9
+                peak = peaks[isa] * nthreads
+                rows.append({
+                    "N": n, "K": k, "M": m, "isa": isa, "ms": med[j] * 1e3, "min_ms": mins[j] * 1e3,
+                    "gmacs": gmacs, "peak_gmacs": peaks[isa], "fraction_of_peak": gmacs / peak if peak else None,
+                    "bf16_ms": med[-1] * 1e3 if bf16 else None, "bf16_min_ms": mins[-1] * 1e3 if bf16 else None,
+                    "vs_bf16": mins[-1] / mins[j] if bf16 else None, "threads": nthreads,
+                })
+    return rows
+
+
+def print_isa_bench(rows: list[dict], file=None) -> None:
+    """Print the rows of :func:`run_isa_bench`: one line per shape and M, one column group per ISA."""
+    from .ops import cpu as native
+
+    pr = (lambda *a: print(*a, file=file))
+    if not rows:
+        return
+    isas = list(dict.fromkeys(r["isa"] for r in rows))
+    peaks = {r["isa"]: r["peak_gmacs"] for r in rows}
+    pr(f"CPU: {native.cpu_name() or cpu_model()}; native threads {rows[0]['threads']}; torch {torch.__version__}")
+    pr("int8 peak per core (registers only): " + ", ".join(f"{i} {peaks[i]:.0f} GMAC/s" for i in isas))
+    pr("per ISA: fastest ms | GMAC/s | % of (peak x threads); 'x bf16' = torch bf16 F.linear time / ours")
+    hdr = f"{'N x K':>11} {'M':>4} | " + " | ".join(f"{i:>24}" for i in isas) + f" | {'bf16 ms':>8} | " + \
+          " ".join(f"{'x bf16 ' + i:>14}" for i in isas)
+    pr(hdr)
+    pr("-" * len(hdr))
+    by = {}
+    for r in rows:
+        by.setdefault((r["N"], r["K"], r["M"]), {})[r["isa"]] = r
+    for (n, k, m), group in by.items():
+        cells = []
+        for i in isas:
+            r = group[i]
+            frac = f"{100 * r['fraction_of_peak']:3.0f}%" if r["fraction_of_peak"] is not None else "   -"
+            cells.append(f"{r['min_ms']:8.3f} {r['gmacs']:7.0f} {frac:>6}")
+        any_r = next(iter(group.values()))
+        b16 = f"{any_r['bf16_min_ms']:8.3f}" if any_r["bf16_min_ms"] is not None else f"{'-':>8}"
+        ratios = " ".join(f"{group[i]['vs_bf16']:14.2f}" if group[i]["vs_bf16"] is not None else f"{'-':>14}"
+                          for i in isas)
+        pr(f"{n:>5}x{k:<5} {m:>4} | " + " | ".join(f"{c:>24}" for c in cells) + f" | {b16} | {ratios}")
+
+
 # ------------------------------------------------------------------------------------------------
 # End-to-end decode / prefill of whole models (``bitnet bench``, ``benchmarks/bench_decode.py``)
 

@@ -64,6 +64,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitnet_get_default_isa": ([], I),
         "bitnet_set_default_isa": ([I], I),
         "bitnet_cpu_name": ([], ctypes.c_char_p),
+        "bitnet_isa_peak_gmacs": ([I], ctypes.c_double),
         "bitnet_set_num_threads": ([I], None),
         "bitnet_get_num_threads": ([], I),
         "bitnet_matmul_int": ([P, I64, I64, I64, P, I64, I64, P, I64, I], I),
@@ -168,6 +169,12 @@ def get_num_threads() -> int:
 
 def cpu_name() -> str:
     return _lib.bitnet_cpu_name().decode(errors="replace") if _lib is not None else ""
+
+
+def isa_peak_gmacs(isa: Optional[str] = None) -> float:
+    """Int8 multiply-add peak of one core with ``isa``'s instruction (vpmaddubsw, vpdpbusd, tdpbusd),
+    measured on registers only for ~20 ms, in GMAC/s (0.0 for the scalar kernel)."""
+    return float(_need().bitnet_isa_peak_gmacs(isa_id(isa)))
 
 
 def _check_rc(rc: int, what: str) -> None:

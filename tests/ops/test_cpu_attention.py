@@ -65,6 +65,32 @@ def test_attention_step_matches_torch(b, t, hkv, group, hd, start, per_row, thre
     assert torch.allclose(out, want, atol=2e-5, rtol=1e-4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), t=st.integers(8, 40), hkv=st.integers(1, 3), group=st.integers(1, 3),
+       hd=st.sampled_from([2, 6, 16, 34, 64, 128]), start=st.integers(0, 20), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 999))
+def test_prefill_blocks_match_torch(b, t, hkv, group, hd, start, threads, seed):
+    """T >= 8 runs the blocked prefill path (16 queries of one head per block, partial last block)."""
+    g = torch.Generator().manual_seed(seed)
+    hq, max_len = hkv * group, 64
+    rot = RotaryEmbedding(hd, max_len)
+    mine = KVCache(b, hkv, max_len, hd)
+    mine.k.normal_(generator=g)
+    mine.v.normal_(generator=g)
+    ref = KVCache(b, hkv, max_len, hd, _storage=(mine.k.clone(), mine.v.clone()))
+    qkv = torch.randn(b * t, (hq + 2 * hkv) * hd, generator=g) * 2
+    want = reference(qkv.clone(), b, t, hq, hkv, hd, rot, ref, start)
+    old = native.get_num_threads()
+    native.set_num_threads(threads)
+    try:
+        out = native.attention_step(qkv, b, hq, hkv, hd, rot.cos, rot.sin, mine.k, mine.v,
+                                    torch.full((b,), start, dtype=torch.int64))
+    finally:
+        native.set_num_threads(old)
+    assert torch.equal(mine.k, ref.k) and torch.equal(mine.v, ref.v)
+    assert torch.allclose(out, want, atol=2e-5, rtol=1e-4)
+
+
 def test_attention_step_long_context_uses_threads_and_matches():
     torch.manual_seed(0)
     b, t, hq, hkv, hd, max_len = 1, 40, 8, 2, 64, 512

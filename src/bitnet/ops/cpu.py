@@ -95,9 +95,16 @@ def _load() -> None:
         except OSError as e:  # present but unloadable (wrong arch, missing libstdc++, ...): report it
             LOAD_ERROR = f"{path} did not load: {e}"
             return
-        _declare(lib)
-        if lib.bitnet_abi_version() != _ABI_VERSION:
-            LOAD_ERROR = f"{path} has ABI version {lib.bitnet_abi_version()}, expected {_ABI_VERSION} (rebuild: pip install .)"
+        # the version first: a library of another version may lack functions this module declares
+        version = getattr(lib, "bitnet_abi_version", None)
+        version = version() if version is not None else None
+        if version != _ABI_VERSION:
+            LOAD_ERROR = f"{path} has ABI version {version}, expected {_ABI_VERSION} (rebuild: pip install .)"
+            return
+        try:
+            _declare(lib)
+        except AttributeError as e:
+            LOAD_ERROR = f"{path} lacks a function of ABI version {_ABI_VERSION} ({e}; rebuild: pip install .)"
             return
         _lib, LIB_PATH = lib, str(path)
         return

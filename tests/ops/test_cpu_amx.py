@@ -1,6 +1,6 @@
 """AMX-INT8 prefill kernel (isa "amx"): exact int32 against the reference over random prefill-sized
 shapes, the fused float epilogue bit for bit against the AVX-512 VNNI kernel, grouped projections,
-threads, and the switch to the vector kernel below the panel threshold. Skips where the CPU (or the
+threads, and the switch to the vector kernel below the panel threshold (8 tokens). Skips where the CPU (or the
 OS) has no AMX-INT8: `lscpu | grep amx_int8`."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def threads(request):
     native.set_num_threads(before)
 
 
-@pytest.mark.parametrize("m,k,n", [(15, 256, 16), (16, 128, 16), (16, 1, 1), (17, 131, 70), (31, 640, 33),
+@pytest.mark.parametrize("m,k,n", [(7, 256, 16), (8, 300, 17), (15, 256, 16), (16, 128, 16), (16, 1, 1), (17, 131, 70), (31, 640, 33),
                                    (32, 2560, 48), (33, 384, 15), (129, 257, 130), (200, 1000, 257),
                                    (300, 129, 31)])
 def test_amx_matmul_exact(threads, m, k, n):
@@ -41,7 +41,7 @@ def test_amx_matmul_exact(threads, m, k, n):
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(16, 300), k=st.integers(1, 1500), n=st.integers(1, 200), seed=st.integers(0, 9999))
+@given(m=st.integers(8, 300), k=st.integers(1, 1500), n=st.integers(1, 200), seed=st.integers(0, 9999))
 def test_amx_matmul_random_shapes(m, k, n, seed):
     x_q, wp = make(m, k, n, seed)
     assert torch.equal(native.matmul_int(x_q, wp, k, isa="amx"), ternary_matmul_reference(x_q, wp, k))

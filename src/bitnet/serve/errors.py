@@ -23,11 +23,16 @@ def json_bytes(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+# the body of the request was not read to its end: the connection cannot carry another request
+CLOSE_AFTER = (408, 413)
+
+
 def error_response(exc: APIError):
     """The starlette response for ``exc``."""
     from starlette.responses import Response
 
-    return Response(json_bytes(exc.body()), status_code=exc.status, media_type="application/json")
+    headers = {"connection": "close"} if exc.status in CLOSE_AFTER else None
+    return Response(json_bytes(exc.body()), status_code=exc.status, media_type="application/json", headers=headers)
 
 
 def server_error(message: str, status: int = 500) -> APIError:

@@ -156,7 +156,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(model, args):
+def start_server(model, args, extra=()):
+    """``bitnet serve MODEL`` on a free 127.0.0.1 port (``extra``: more flags); (process, url) once /health is ok."""
     import httpx
 
     port = free_port()
@@ -166,7 +167,7 @@ def start_server(model, args):
         cmd.append("--pack")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd + list(extra))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:

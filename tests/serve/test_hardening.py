@@ -215,6 +215,8 @@ def read_until_closed(sock, limit=30.0) -> bytes:
             data += chunk
     except socket.timeout:
         raise AssertionError(f"the server kept the connection open for {limit} s; got {data[:200]!r}") from None
+    except ConnectionResetError:          # closed while bytes we sent were unread: the kernel resets
+        pass
     return data
 
 
@@ -238,11 +240,13 @@ def test_slowloris_headers_are_cut_off(limited_server):
             data = read_until_closed(sock)
         finally:
             stop.set()
+    # closed; the 408 it wrote may be lost to the reset that our unread header lines cause
+    assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:200]
+    # a silent connection is cut off with a 408 in OpenAI's shape, and the server goes on serving
+    with socket.create_connection((host, int(port))) as sock:
+        data = read_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
-    # a silent connection is cut off too, and the server goes on serving
-    with socket.create_connection((host, int(port))) as sock:
-        assert read_until_closed(sock).startswith(b"HTTP/1.1 408")
     assert_serving(srv)
 
 

@@ -43,29 +43,52 @@ def check_content_type(content_type: str | None) -> None:
                        None, code="unsupported_media_type")
 
 
+LINGER_BYTES = 1 << 20     # of a refused body, read and dropped before answering (see read_body)
+LINGER_SECONDS = 1.0
+
+
 async def read_body(request, max_bytes: int, timeout: float) -> bytes:
-    """The raw body of ``request`` (a starlette Request): 413 past ``max_bytes``, 408 after ``timeout`` s."""
+    """The raw body of ``request`` (a starlette Request): 413 past ``max_bytes``, 408 after ``timeout`` s.
+
+    A body refused as too large is still read and dropped for up to :data:`LINGER_BYTES` /
+    :data:`LINGER_SECONDS` before the 413 goes out: closing a socket with unread data makes the kernel
+    send a reset, which can destroy the answer before the client reads it."""
     length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise APIError(400, f"invalid Content-Length header {length!r}", None, code="invalid_request")
-        if int(length) > max_bytes:
-            raise too_large(int(length), max_bytes)
+    if length is not None and not length.isdigit():
+        raise APIError(400, f"invalid Content-Length header {length!r}", None, code="invalid_request")
+    declared = int(length) if length is not None else 0
+    chunks = request.stream()
 
     async def collect() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        if declared > max_bytes:
+            raise too_large(declared, max_bytes)
+        parts, size = [], 0
+        async for chunk in chunks:
             size += len(chunk)
             if size > max_bytes:
                 raise too_large(size, max_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def linger() -> None:
+        dropped = 0
+        async for chunk in chunks:
+            dropped += len(chunk)
+            if dropped > LINGER_BYTES:
+                break
 
     try:
         return await asyncio.wait_for(collect(), timeout)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s", None,
                        code="request_timeout") from None
+    except APIError as e:
+        if e.status == 413:
+            try:
+                await asyncio.wait_for(linger(), LINGER_SECONDS)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        raise
 
 
 def too_large(size: int, max_bytes: int) -> APIError:

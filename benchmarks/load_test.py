@@ -48,9 +48,16 @@ def percentile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def one_request(client, url, prompt, max_tokens):
+def served_model(url) -> str:
+    """The id the server at ``url`` serves (``model`` must name it: unknown ids get 404)."""
+    import httpx
+
+    return httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+async def one_request(client, url, prompt, max_tokens, model="bench"):
     """Stream one greedy completion; returns dict(text, tokens, finish, latency, ttft)."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, text, finish, tokens = None, [], None, None
@@ -79,7 +86,7 @@ async def one_request(client, url, prompt, max_tokens):
             "ttft": ttft if ttft is not None else float("nan")}
 
 
-async def phase(url, prompts, clients, requests, max_tokens, max_seconds):
+async def phase(url, prompts, clients, requests, max_tokens, max_seconds, model="bench"):
     """``clients`` concurrent clients share ``requests`` requests (prompt i = prompts[i % len]) within a deadline."""
     import httpx
 
@@ -92,7 +99,7 @@ async def phase(url, prompts, clients, requests, max_tokens, max_seconds):
             while todo and time.perf_counter() < deadline:
                 i = todo.pop(0)
                 try:
-                    results[i] = await one_request(client, url, prompts[i % len(prompts)], max_tokens)
+                    results[i] = await one_request(client, url, prompts[i % len(prompts)], max_tokens, model)
                 except Exception as e:  # counted as lost below
                     errors.append(f"request {i}: {type(e).__name__}: {e}")
 
@@ -149,7 +156,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(model, args):
+def start_server(model, args, extra=()):
+    """``bitnet serve MODEL`` on a free 127.0.0.1 port (``extra``: more flags); (process, url) once /health is ok."""
     import httpx
 
     port = free_port()
@@ -159,7 +167,7 @@ def start_server(model, args):
         cmd.append("--pack")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd + list(extra))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -223,10 +231,12 @@ def main(argv=None):
                 tmp = tempfile.TemporaryDirectory()
                 model = random_model(args, tmp.name)
             proc, url = start_server(model, args)
+        model = served_model(url)
         prompts = [f"Request {i:03d}: the quick brown fox #{i} " + "abcdefghij"[i % 10] * (i % 7) for i in range(args.prompts)]
         reference = None
         if not args.no_verify:
-            res, errors, wall, _ = asyncio.run(phase(url, prompts, 1, len(prompts), args.max_tokens, args.max_seconds * 4))
+            res, errors, wall, _ = asyncio.run(phase(url, prompts, 1, len(prompts), args.max_tokens, args.max_seconds * 4,
+                                                     model))
             if errors or len(res) != len(prompts):
                 raise SystemExit(f"reference pass failed: {errors[:3]}")
             reference = [res[i]["text"] for i in range(len(prompts))]
@@ -236,7 +246,7 @@ def main(argv=None):
         for _ in range(args.rounds):                  # rounds interleave the phases (noisy shared machines)
             for c in counts:
                 n = args.requests or max(8, 4 * c)
-                res, errors, wall, skipped = asyncio.run(phase(url, prompts, c, n, args.max_tokens, args.max_seconds))
+                res, errors, wall, skipped = asyncio.run(phase(url, prompts, c, n, args.max_tokens, args.max_seconds, model))
                 value, good = report("phase", c, res, errors, wall, skipped, reference, prompts, args.max_tokens)
                 tps.setdefault(c, []).append(value)
                 ok &= good

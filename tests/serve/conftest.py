@@ -1,5 +1,6 @@
 """A tiny random model saved to disk, and real uvicorn servers on 127.0.0.1 serving it."""
 
+import threading
 import time
 
 import pytest
@@ -42,7 +43,7 @@ def server(inference):
     """A running server with 4 slots (session-wide: starting one costs ~0.5 s)."""
     create_app, ServerThread = http_parts()
     engine = Engine(inference.model, inference.tokenizer, slots=4, max_queue=32)
-    with ServerThread(create_app(engine, "tiny")) as srv:
+    with ServerThread(create_app(engine, "tiny", aliases=("tiny-run",))) as srv:
         srv.engine = engine
         yield srv
 
@@ -70,3 +71,45 @@ def slow_server(inference):
     with ServerThread(create_app(engine, "slow")) as srv:
         srv.engine = engine
         yield srv
+
+
+class Gate:
+    """A pause a test controls: ``wait()`` blocks (up to 60 s) until ``open()``; ``entered`` is set on arrival."""
+
+    def __init__(self):
+        self.entered, self.opened = threading.Event(), threading.Event()
+
+    def wait(self):
+        self.entered.set()
+        self.opened.wait(60)
+
+    def open(self):
+        self.opened.set()
+
+
+class GatedTokenizer:
+    """The real tokenizer, pausing at a gate before it encodes a text longer than ``min_chars``."""
+
+    def __init__(self, tokenizer, gate: Gate, min_chars: int = 1 << 20):
+        self.inner, self.gate, self.min_chars = tokenizer, gate, min_chars
+
+    def encode(self, text, *args, **kwargs):
+        if len(text) >= self.min_chars:
+            self.gate.wait()
+        return self.inner.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class GatedModel(SlowModel):
+    """The model, pausing at a gate in every forward while the gate is armed (``gate`` not None)."""
+
+    def __init__(self, model):
+        super().__init__(model, delay=0)
+        self.gate = None
+
+    def forward(self, *args, **kwargs):
+        if self.gate is not None:
+            self.gate.wait()
+        return self.inner(*args, **kwargs)

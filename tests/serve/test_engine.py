@@ -82,3 +82,54 @@ def test_hold_back():
     assert _hold_back("abc\nUs", ["\nUser:"]) == 3
     assert _hold_back("abc", ["\nUser:"]) == 0
     assert _hold_back("abc\n", ["\nUser:", "c\n"]) == 1
+
+
+def test_a_request_failing_while_admitted_ends_alone_and_the_loop_goes_on():
+    """A seed manual_seed refuses (set after submit's checks, so that it reaches the engine thread, as it
+    did through HTTP before seeds were validated) used to kill the thread and hang every request."""
+    torch.manual_seed(0)
+    model = BitNetTransformer(256, 32, 1, heads=2, max_seq_len=64).eval()
+    engine = Engine(model, ByteTokenizer(), slots=2)
+    events = {"bad": [], "good": []}
+    bad = engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=5, seed=1), events["bad"].append))
+    good = engine.submit(Request([4, 5, 6], SamplingParams(max_tokens=5, temperature=0), events["good"].append))
+    bad.params.seed = 1 << 64
+    with pytest.raises(ValueError, match="seed"):
+        engine.submit(Request([1], SamplingParams(seed=1 << 64), print))
+    with engine:
+        later = collect(engine, [7, 8], SamplingParams(max_tokens=4, temperature=0))
+        assert later.output_ids == generate(model, [7, 8], 4, temperature=0)
+        assert events["bad"][-1][0] == "error" and "Overflow" in events["bad"][-1][1]
+        assert events["good"][-1] == ("done", "length")
+        assert good.output_ids == generate(model, [4, 5, 6], 5, temperature=0)
+        assert engine.health() == (True, None) and engine.stats()["failed"] == 1
+
+
+def test_a_row_failing_in_a_decode_step_ends_alone():
+    """A model with 300 outputs and a 256-token tokenizer: outputs 256.. (zero head rows) cannot be
+    decoded. A sampled request draws one mid-way and fails; the greedy rows decoded with it finish."""
+    torch.manual_seed(2)
+    model = BitNetTransformer(300, 64, 2, heads=4, max_seq_len=256).eval()
+    with torch.no_grad():
+        model.head.weight[256:] = 0
+    greedy = [list(f"greedy row {i} ".encode()) for i in range(3)]
+    alone = [generate(model, p, 30, temperature=0) for p in greedy]
+    assert all(max(a) < 256 for a in alone)
+    with Engine(model, ByteTokenizer(), slots=4) as engine:
+        for seed in range(200):
+            done, evs = threading.Event(), []
+            reqs = [engine.submit(Request(p, SamplingParams(max_tokens=30, temperature=0), lambda ev: None))
+                    for p in greedy]
+            sampled = engine.submit(Request(list(b"Once upon"), SamplingParams(max_tokens=30, temperature=2.0, seed=seed),
+                                            lambda ev: (evs.append(ev), ev[0] in ("done", "error") and done.set())))
+            assert done.wait(60)
+            for r in reqs:
+                while r.finish_reason is None and engine.stats()["active"]:
+                    threading.Event().wait(0.01)
+            if evs[-1][0] == "error" and len(sampled.output_ids) > 1:
+                break
+        else:
+            raise AssertionError("no seed made the sampled row fail mid-way")
+        assert "outside the vocabulary" in evs[-1][1]
+        assert [r.output_ids for r in reqs] == alone and all(r.finish_reason == "length" for r in reqs)
+        assert engine.health() == (True, None)

@@ -24,7 +24,8 @@ def test_bitnet_serve_command(model_dir):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--host", "127.0.0.1",
-                             "--port", str(port), "--slots", "2", "--threads", "1", "--log-level", "warning"],
+                             "--port", str(port), "--slots", "2", "--threads", "1", "--log-level", "warning",
+                             "--model-name", "served", "--max-body-bytes", "2048", "--header-timeout", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -36,10 +37,18 @@ def test_bitnet_serve_command(model_dir):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"server did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
                 time.sleep(0.2)
-        assert health["slots"] == 2 and health["model"] == "tiny-run"
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "tiny-run", "prompt": "Hi", "max_tokens": 4, "temperature": 0}).json()
-        assert r["usage"]["completion_tokens"] == 4
+        assert health["slots"] == 2 and health["model"] == "served" and health["max_body_bytes"] == 2048
+        for model in ("served", "tiny-run"):                    # --model-name, and the checkpoint's name
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": model, "prompt": "Hi", "max_tokens": 4, "temperature": 0}).json()
+            assert r["usage"]["completion_tokens"] == 4 and r["model"] == "served"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={"model": "other", "prompt": "Hi"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={"prompt": "x" * 3000})
+        assert r.status_code == 413
+        with socket.create_connection(("127.0.0.1", port)) as sock:     # --header-timeout: a silent client is cut off
+            sock.settimeout(30)
+            assert sock.recv(100).startswith(b"HTTP/1.1 408")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -3,9 +3,9 @@
 The HTTP part needs FastAPI and uvicorn (``pip install 'bitnet[serve]'``); the engine needs only torch.
 """
 
-from .engine import Engine, QueueFullError, Request, SamplingParams, collect
+from .engine import Engine, EngineDeadError, QueueFullError, Request, SamplingParams, collect
 
-__all__ = ["Engine", "QueueFullError", "Request", "SamplingParams", "collect", "create_app", "load_engine",
+__all__ = ["Engine", "EngineDeadError", "QueueFullError", "Request", "SamplingParams", "collect", "create_app", "load_engine",
            "ServerThread"]
 
 

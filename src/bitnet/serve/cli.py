@@ -23,6 +23,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true", help="pack BitLinear weights to 2 bits (bitnet.pack)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest request body accepted; larger ones get HTTP 413 (default 16 MiB)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers before it is disconnected "
+                        "(default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; slower ones get HTTP 408 (default 30)")
     p.set_defaults(func=run)
     return p
 
@@ -41,11 +48,19 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be a number of seconds > 0, got {value}")
     from .app import create_app
-    from .server import default_model_name, load_engine
+    from .server import default_model_name, load_engine, uvicorn_config
 
     engine = load_engine(args.model, slots=args.slots, max_queue=args.max_queue, context=args.context,
                          device=args.device, pack=args.pack)
-    app = create_app(engine, args.model_name or default_model_name(args.model))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    name = default_model_name(args.model)
+    app = create_app(engine, args.model_name or name, aliases=(name,),
+                     max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                  header_timeout=args.header_timeout)).run()
     return 0

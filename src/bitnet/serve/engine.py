@@ -12,12 +12,19 @@ cancelled request frees its slot at the start of the next step.
 Results leave the engine through each request's ``emit`` callback (called from the engine thread):
 ``("text", piece)`` for every piece of complete text, then exactly one ``("done", finish_reason)``
 (finish_reason ``"stop"`` or ``"length"``) or ``("error", message)``.
+
+Failures stay with the request that caused them: an exception while admitting a request (e.g. its
+generator), prefilling it, or sampling / decoding its token ends that request alone with an
+``("error", ...)`` event; a failing batched forward ends the requests of that step. The loop itself
+keeps running; :meth:`Engine.health` says whether it is alive and making progress (``/health``).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -30,8 +37,18 @@ from ..generate.sampling import check_sampling_args, sample_next_token
 from ..nn.attention import KVCache
 
 
+log = logging.getLogger("bitnet.serve")
+
+# what torch.Generator.manual_seed accepts (it raises RuntimeError outside this range)
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full; try again later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's decode thread is not running (stopped or crashed): nothing submitted would be served."""
 
 
 @dataclass
@@ -51,6 +68,9 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
 
 
 @dataclass(eq=False)
@@ -89,6 +109,7 @@ class _Active:
         self.history = list(req.prompt_ids)              # for the repetition penalty
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.pending = ""                                # text held back: may be the start of a stop string
+        self.ended = False                               # its last event ("done" or "error") was emitted
         self.stops = set(int(t) for t in p.stop_token_ids)
         self.greedy = p.temperature == 0 and p.repetition_penalty == 1.0
 
@@ -114,10 +135,16 @@ class Engine:
         slots: sequences decoded together (rows of the batch KV cache).
         max_queue: requests that may wait for a slot; more raise :class:`QueueFullError`.
         context: tokens per sequence, prompt + output (default and maximum: ``model.max_seq_len``).
+        stall_timeout: seconds without progress, while requests wait or run, after which
+            :meth:`health` reports the engine as stuck (default 120: a long prefill of a big model on a
+            slow CPU must not count as stuck).
     """
 
+    # unexplained failures of the loop itself (not of one request) in a row before the engine gives up
+    MAX_LOOP_FAILURES = 3
+
     def __init__(self, model: nn.Module, tokenizer, slots: int = 8, max_queue: int = 64,
-                 context: int | None = None):
+                 context: int | None = None, stall_timeout: float = 120.0):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -126,6 +153,9 @@ class Engine:
         context = max_seq_len if context is None else context
         if isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= max_seq_len:
             raise ValueError(f"context must be an integer in [2, {max_seq_len}] (the model's max_seq_len), got {context!r}")
+        if isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+        self.stall_timeout = float(stall_timeout)
         self.model = model.eval()
         self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self.tokenizer = tokenizer
@@ -142,12 +172,18 @@ class Engine:
         self.max_batch_seen = 0                          # most rows decoded together
         self.finished = 0                                # requests that ended normally
         self.cancelled = 0                               # requests cancelled while waiting or in a slot
+        self.failed = 0                                  # requests ended by an error inside the engine
+        self.failure: str | None = None                  # why the loop died, if it did
+        self._beat = time.monotonic()                    # last sign of progress of the loop
 
     # ------------------------------------------------------------------ public, any thread
 
     def start(self) -> "Engine":
-        if self._thread is None:
+        """Start the decode thread (again, after :meth:`stop` or a crash)."""
+        if self._thread is None or not self._thread.is_alive():
             self._stopping = False
+            self.failure = None
+            self._beat = time.monotonic()
             self._thread = threading.Thread(target=self._run, name="bitnet-engine", daemon=True)
             self._thread.start()
         return self
@@ -159,7 +195,6 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-            self._thread = None
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -177,8 +212,9 @@ class Engine:
             raise ValueError(f"prompt has {len(req.prompt_ids)} tokens; the context holds {self.context} "
                              "(prompt + at least one generated token)")
         with self._cond:
-            if self._stopping:
-                raise RuntimeError("engine is stopped")
+            if self.dead:
+                raise EngineDeadError("the engine is not running" + (f" (it died: {self.failure})"
+                                                                      if self.failure else " (stopped)"))
             free = sum(a is None for a in self._active)
             if len(self._waiting) >= self.max_queue + free:
                 raise QueueFullError(f"server busy: {len(self._waiting)} requests are waiting "
@@ -188,10 +224,34 @@ class Engine:
         return req
 
     def stats(self) -> dict:
-        with self._cond:
-            return {"slots": self.slots, "active": sum(a is not None for a in self._active),
-                    "waiting": len(self._waiting), "max_queue": self.max_queue, "context": self.context,
-                    "steps": self.steps, "finished": self.finished, "cancelled": self.cancelled}
+        # read without the lock: a stuck engine must not hang /health (each read is atomic under the GIL)
+        return {"slots": self.slots, "active": sum(a is not None for a in list(self._active)),
+                "waiting": len(self._waiting), "max_queue": self.max_queue, "context": self.context,
+                "steps": self.steps, "finished": self.finished, "cancelled": self.cancelled,
+                "failed": self.failed}
+
+    @property
+    def dead(self) -> bool:
+        """True once the decode thread was started and has stopped, died, or been asked to stop (a never
+        started engine is not dead: what it is given waits for :meth:`start`)."""
+        t = self._thread
+        return t is not None and (self._stopping or not t.is_alive())
+
+    def health(self) -> tuple[bool, str | None]:
+        """(ok, reason): not ok when the loop is not running (never started, stopped, died) or when
+        requests are waiting or running and the loop made no progress for ``stall_timeout`` seconds."""
+        if self._thread is None:
+            return False, "engine not started"
+        if not self._thread.is_alive():
+            return False, f"engine thread died: {self.failure}" if self.failure else "engine stopped"
+        if self._stopping:
+            return False, "engine is stopping"
+        idle = time.monotonic() - self._beat
+        busy = bool(self._waiting) or any(a is not None for a in list(self._active))
+        if busy and idle > self.stall_timeout:
+            return False, (f"engine stuck: no progress for {idle:.0f} s with requests waiting or running "
+                           f"(stall_timeout {self.stall_timeout:g} s)")
+        return True, None
 
     # ------------------------------------------------------------------ engine thread
 
@@ -209,41 +269,95 @@ class Engine:
         return self._views[n]
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._waiting and all(a is None for a in self._active):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    self._release_cancelled()
-                    admitted = []
-                    while self._waiting and (slot := self._free_slot()) is not None:
-                        req = self._waiting.popleft()
-                        if req.cancelled:
-                            self.cancelled += 1
-                            continue
-                        req.slot = slot
-                        self._active[slot] = _Active(req, self.tokenizer, self.device)
-                        admitted.append(self._active[slot])
-                for a in admitted:
-                    self._guard(self._prefill, [a])
-                if any(a is not None and a.last is not None for a in self._active):
-                    self._guard(self._decode, [a for a in self._active if a is not None])
+        failures = 0
+        try:
+            with torch.inference_mode():
+                while True:
+                    try:
+                        if not self._step():
+                            break
+                        failures = 0
+                    except Exception as e:  # a bug outside the per-request guards: end the requests in slots
+                        failures += 1
+                        log.exception("engine loop failed (%d in a row)", failures)
+                        with self._cond:
+                            for a in [a for a in self._active if a is not None]:
+                                self._fail(a, e)
+                        if failures >= self.MAX_LOOP_FAILURES:
+                            self.failure = f"{failures} loop failures in a row, the last {type(e).__name__}: {e}"
+                            break
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            why = "server is shutting down" if self.failure is None else f"engine died: {self.failure}"
+            with self._cond:
+                for a in [a for a in self._active if a is not None]:
+                    self._finish(a, None, error=why)
+                while self._waiting:
+                    self._end_waiting(self._waiting.popleft(), why)
+
+    def _step(self) -> bool:
+        """One turn of the loop: admit waiting requests (prefill), then one decode step. False to stop."""
         with self._cond:
-            for a in [a for a in self._active if a is not None]:
-                self._finish(a, None, error="server is shutting down")
-            while self._waiting:
-                self._waiting.popleft().emit(("error", "server is shutting down"))
+            while not self._stopping and not self._waiting and all(a is None for a in self._active):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            self._beat = time.monotonic()
+            self._release_cancelled()
+            admitted = self._admit()
+        for a in admitted:
+            self._guard(self._prefill, [a])
+            self._beat = time.monotonic()
+        if any(a is not None and a.last is not None for a in self._active):
+            self._guard(self._decode, [a for a in self._active if a is not None])
+        self._beat = time.monotonic()
+        return True
+
+    def _admit(self) -> list[_Active]:
+        """Move waiting requests into free slots (lock held). A request whose engine-side state cannot be
+        built (e.g. a seed its generator refuses) ends alone with an error."""
+        admitted = []
+        while self._waiting and (slot := self._free_slot()) is not None:
+            req = self._waiting.popleft()
+            if req.cancelled:
+                self.cancelled += 1
+                continue
+            try:
+                a = _Active(req, self.tokenizer, self.device)
+            except Exception as e:
+                log.exception("request %d could not be admitted", req.id)
+                self.failed += 1
+                self._end_waiting(req, f"{type(e).__name__}: {e}")
+                continue
+            req.slot = slot
+            self._active[slot] = a
+            admitted.append(a)
+        return admitted
+
+    def _end_waiting(self, req: Request, message: str) -> None:
+        """Error event for a request that never got a slot."""
+        try:
+            req.emit(("error", message))
+        except Exception:
+            log.exception("emit of request %d failed", req.id)
 
     def _guard(self, fn, group: list[_Active]) -> None:
         try:
             fn(group)
         except Exception as e:  # a model error ends the requests involved, never the loop
+            log.exception("%s failed for %d request(s)", fn.__name__.strip("_"), len(group))
             with self._cond:
                 for a in group:
-                    if self._active[a.req.slot] is a:
-                        self._finish(a, None, error=f"{type(e).__name__}: {e}")
+                    self._fail(a, e)
+
+    def _fail(self, a: _Active, e: Exception) -> None:
+        """End ``a`` with an error event unless it already ended (lock held)."""
+        if a.ended:
+            return
+        self.failed += 1
+        self._finish(a, None, error=f"{type(e).__name__}: {e}")
 
     def _release_cancelled(self) -> None:
         for a in self._active:
@@ -251,18 +365,36 @@ class Engine:
                 self._finish(a, None, error="cancelled")
 
     def _finish(self, a: _Active, reason: str | None, error: str | None = None, flush: bool = True) -> None:
-        self._active[a.req.slot] = None
+        """Free ``a``'s slot and emit its last event (lock held)."""
+        if self._active[a.req.slot] is a:
+            self._active[a.req.slot] = None
+        if a.ended:
+            return
+        if error is None and flush:
+            try:
+                tail = a.decoder.flush()
+                if tail or a.pending:
+                    self._push_text(a, tail, final=True)
+            except Exception as e:
+                log.exception("request %d: flushing its text failed", a.req.id)
+                self.failed += 1
+                reason, error = None, f"{type(e).__name__}: {e}"
+        a.ended = True
         if error is not None:
             self.cancelled += error == "cancelled"
-            a.req.emit(("error", error))
+            self._emit(a, ("error", error))
             return
         self.finished += 1
-        if flush:
-            tail = a.decoder.flush()
-            if tail or a.pending:
-                self._push_text(a, tail, final=True)
         a.req.finish_reason = reason
-        a.req.emit(("done", reason))
+        self._emit(a, ("done", reason))
+
+    def _emit(self, a: _Active, ev: tuple) -> None:
+        """Hand ``ev`` to the request's callback; a failing callback cancels that request only."""
+        try:
+            a.req.emit(ev)
+        except Exception:
+            log.exception("emit of request %d failed; cancelling it", a.req.id)
+            a.req.cancel()
 
     def _prefill(self, group: list[_Active]) -> None:
         a = group[0]
@@ -284,10 +416,15 @@ class Engine:
         greedy = [a for a in live if a.greedy]
         if greedy:
             best = logits.argmax(dim=-1).tolist()
-        for a in live:
-            a.pos += 1
-            tok = best[a.req.slot] if a.greedy else self._sample(a, logits[a.req.slot:a.req.slot + 1])
-            self._accept(a, tok)
+        for a in live:                     # sampling and text are per request: a failure ends that row only
+            try:
+                a.pos += 1
+                tok = best[a.req.slot] if a.greedy else self._sample(a, logits[a.req.slot:a.req.slot + 1])
+                self._accept(a, tok)
+            except Exception as e:
+                log.exception("request %d failed in a decode step", a.req.id)
+                with self._cond:
+                    self._fail(a, e)
 
     def _sample(self, a: _Active, logits: torch.Tensor) -> int:
         p = a.req.params
@@ -328,7 +465,7 @@ class Engine:
             if cut >= 0:
                 if cut:
                     a.req.text += text[:cut]
-                    a.req.emit(("text", text[:cut]))
+                    self._emit(a, ("text", text[:cut]))
                 a.pending = ""
                 return True
             keep = 0 if final else _hold_back(text, stops)
@@ -337,7 +474,7 @@ class Engine:
         out, a.pending = (text[:len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
         if out:
             a.req.text += out
-            a.req.emit(("text", out))
+            self._emit(a, ("text", out))
         return False
 
 
@@ -360,4 +497,4 @@ def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams, timeo
     return req
 
 
-__all__ = ["Engine", "QueueFullError", "Request", "SamplingParams", "collect"]
+__all__ = ["Engine", "EngineDeadError", "QueueFullError", "Request", "SamplingParams", "collect"]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .engine import Engine
+from .protocol import DEFAULT_HEADER_TIMEOUT, header_timeout_protocol
 
 
 def load_engine(model_path, *, slots: int = 8, max_queue: int = 64, context: int | None = None,
@@ -24,20 +25,33 @@ def default_model_name(model_path) -> str:
     return p.stem if p.suffix else p.name
 
 
+def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+                   header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+    """uvicorn settings for serving ``app``: its HTTP protocol closes connections whose request headers
+    take longer than ``header_timeout`` seconds (see :mod:`bitnet.serve.protocol`)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                          http=header_timeout_protocol(header_timeout))
+
+
 class ServerThread:
-    """uvicorn serving ``app`` on ``host:port`` in a background thread (port 0 = a free port).
+    """uvicorn serving ``app`` on ``host:port`` in a background thread (port 0 = a free port), with the
+    header time bound of :func:`uvicorn_config`.
 
     ``with ServerThread(app) as srv: srv.url`` -> ``"http://127.0.0.1:PORT"``.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=self.port, log_level=log_level,
+                                                    header_timeout=header_timeout))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="bitnet-uvicorn")
 

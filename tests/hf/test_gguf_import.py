@@ -89,9 +89,11 @@ def test_llamacpp_converter_style_file(tmp_path):
     assert torch.equal(got.layers[1].ffn.down.w_packed, model.layers[1].ffn.down.w_packed)
 
 
-def write_converter_style(model, path, arch="bitnet", skip=(), two_scales=None, vocab="spm"):
+def write_converter_style(model, path, arch="bitnet", skip=(), two_scales=None, vocab="spm", name=None):
     """A GGUF written the way llama.cpp's converter does for a BitNet checkpoint (values = ternary * scale)."""
     w = gguf.GGUFWriter(str(path), arch=arch)
+    if name:
+        w.add_name(name)
     cfg = model.config
     w.add_context_length(cfg["max_seq_len"])
     w.add_embedding_length(cfg["dim"])
@@ -136,6 +138,16 @@ def write_converter_style(model, path, arch="bitnet", skip=(), two_scales=None, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def test_2b4t_file_without_activation_key_is_relu2(tmp_path):
+    """llama.cpp's converter writes no activation key for microsoft's 2B4T (a relu2 model): named after it."""
+    model = pack(tiny("relu2"), head="fp")
+    path = write_converter_style(model, tmp_path / "2b4t.gguf", name="bitnet-b1.58-2B-4T")
+    assert load_gguf(path)[0].config["activation"] == "relu2"
+    assert load_gguf(path, activation="silu")[0].config["activation"] == "silu"
+    with pytest.raises(GGUFImportError, match="activation 'tanh'"):
+        load_gguf(path, activation="tanh")
 
 
 def test_ternary_and_scale_recovery():

@@ -5,8 +5,8 @@ Reads what :func:`bitnet.convert.gguf_export.export_gguf` writes and what llama.
 
 * metadata ``bitnet.{context_length, embedding_length, block_count, feed_forward_length,
   attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon}`` (required),
-  ``bitnet.rope.freq_base`` (default 10000), ``bitnet.hidden_activation`` (default ``"silu"``, what
-  llama.cpp's bitnet graph runs when the key is absent);
+  ``bitnet.rope.freq_base`` (default 10000), ``bitnet.hidden_activation`` (when absent: ``"relu2"`` if
+  the file's ``general.*`` names say BitNet b1.58 2B4T, else ``"silu"``, what llama.cpp's bitnet graph runs);
 * tensors ``token_embd``, ``output_norm``, optional ``output`` (an untied head), and per block
   ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_sub_norm, attn_output, ffn_norm, ffn_gate, ffn_up,
   ffn_sub_norm, ffn_down}.weight``, each linear with an optional F32 ``.scale`` that multiplies it.
@@ -158,7 +158,7 @@ def _model_config(meta: _Meta, path: Path, activation: str | None) -> dict:
     factor = meta.get("bitnet.rope.scaling.factor")
     if scaling not in (None, "none", "linear") or (factor is not None and float(factor) != 1.0):
         raise GGUFImportError(f"{path}: rope scaling {scaling!r} x {factor} is not supported (only none / 1.0)")
-    act = activation if activation is not None else meta.get("bitnet.hidden_activation", "silu")
+    act = activation if activation is not None else meta.get("bitnet.hidden_activation") or _default_activation(meta)
     if act not in ACTIVATIONS:
         raise GGUFImportError(f"{path}: hidden activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
     return dict(dim=dim, depth=int(meta.need("bitnet.block_count")), heads=heads,
@@ -167,6 +167,16 @@ def _model_config(meta: _Meta, path: Path, activation: str | None) -> dict:
                 max_seq_len=int(meta.need("bitnet.context_length")), activation=act,
                 rope_base=_f32_decimal(meta.get("bitnet.rope.freq_base", 10000.0)),
                 norm_eps=_f32_decimal(meta.need("bitnet.attention.layer_norm_rms_epsilon")))
+
+
+def _default_activation(meta: _Meta) -> str:
+    """Activation of a file without ``bitnet.hidden_activation``: "relu2" for microsoft's BitNet b1.58 2B4T
+    (llama.cpp's converter names the file after the checkpoint and writes no activation key, yet that model
+    uses squared ReLU), else "silu" (1bitLLM's bitnet_b1_58 models, our silu exports, llama.cpp's graph)."""
+    names = " ".join(str(meta.get(k) or "") for k in ("general.name", "general.basename", "general.finetune",
+                                                      "general.size_label", "general.source.huggingface.repository"))
+    squashed = names.lower().replace("-", "").replace("_", "").replace(" ", "")
+    return "relu2" if "2b4t" in squashed else "silu"
 
 
 def _f32_decimal(value) -> float:

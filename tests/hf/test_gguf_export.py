@@ -173,7 +173,7 @@ def test_llama_cpp_runs_the_trained_silu_model(cli_trained_silu):
     model, path = cli_trained_silu
     text = "And the earth was without form"
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    ids = llm.tokenize(text.encode())                  # as llama.cpp's completion does: special tokens on
     assert ids == list(text.encode())                                   # exactly our bytes: no BOS, no "▁"
     assert llm.detokenize(ids).decode() == text
     llm.eval(ids)
@@ -181,5 +181,5 @@ def test_llama_cpp_runs_the_trained_silu_model(cli_trained_silu):
     with torch.no_grad():
         ours = pack(copy.deepcopy(model), head="fp").eval()(torch.tensor([ids]))[0]
     rel = ((theirs - ours).norm() / ours.norm()).item()
-    assert rel < 5e-2, rel                                              # llama.cpp quantises activations per 256-block
+    assert rel < 2e-2, rel                   # measured 4.5e-3: llama.cpp quantises activations per 256-block
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9

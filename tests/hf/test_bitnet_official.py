@@ -184,6 +184,7 @@ def test_official_model_as_bitnet_transformer_decodes_the_same(tmp_path, head):
         assert ((out - ref).norm() / ref.norm()).item() < tol
         assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     assert FusedBlock.for_block(ours.layers[0]).native is not None
+    assert {layer.ffn.post_norm.eps for layer in ours.layers} == {hf.config.rms_norm_eps}   # ffn_sub_norm's eps
     with pytest.raises(ValueError, match="head"):
         to_bitnet_transformer(hf, head="bf16")
 

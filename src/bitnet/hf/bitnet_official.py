@@ -377,6 +377,8 @@ def to_bitnet_transformer(model: "BitNetForCausalLM", head: str = "int8"):
         raise RuntimeError(f"layout mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         out.head.weight = out.embed.weight
+    for layer in out.layers:                                      # ffn_sub_norm uses rms_norm_eps too
+        layer.ffn.post_norm.eps = cfg.rms_norm_eps
     for m in out.modules():                                       # rotary tables were left on meta
         if hasattr(m, "build_tables"):
             m.build_tables(torch.device("cpu"))

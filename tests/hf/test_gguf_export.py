@@ -165,19 +165,43 @@ def test_cli_trained_model_exports_and_imports_exactly(cli_trained_silu):
     assert tok.encode("And the") == list(b"And the")
 
 
-def test_llama_cpp_runs_the_trained_silu_model(cli_trained_silu):
-    """The exported file in real llama.cpp (llama-cpp-python, when installed): our byte ids, close logits."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+LLAMA_CPP_SCRIPT = """
+import json, sys
+import numpy as np
+import llama_cpp
+path, text, out = sys.argv[1:4]
+llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+ids = llm.tokenize(text.encode())                      # as llama.cpp's completion does
+llm.eval(ids)
+np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
+print(json.dumps({"ids": ids, "text": llm.detokenize(ids).decode()}))
+"""
+
+
+def test_llama_cpp_runs_the_trained_silu_model(cli_trained_silu, tmp_path):
+    """The exported file in real llama.cpp (llama-cpp-python, when installed): our byte ids, close logits.
+    llama.cpp runs in a child process: its bundled ggml / OpenMP runtime must not share a process with torch."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
     from bitnet import pack
 
     model, path = cli_trained_silu
     text = "And the earth was without form"
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = llm.tokenize(text.encode())                  # as llama.cpp's completion does: special tokens on
+    out = tmp_path / "scores.npy"
+    run = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(path), text, str(out)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    ids = result["ids"]
     assert ids == list(text.encode())                                   # exactly our bytes: no BOS, no "▁"
-    assert llm.detokenize(ids).decode() == text
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    assert result["text"] == text
+    theirs = torch.from_numpy(np.load(out))
     with torch.no_grad():
         ours = pack(copy.deepcopy(model), head="fp").eval()(torch.tensor([ids]))[0]
     rel = ((theirs - ours).norm() / ours.norm()).item()

@@ -184,5 +184,46 @@ def test_official_model_as_bitnet_transformer_decodes_the_same(tmp_path, head):
         assert ((out - ref).norm() / ref.norm()).item() < tol
         assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     assert FusedBlock.for_block(ours.layers[0]).native is not None
+    assert {layer.ffn.post_norm.eps for layer in ours.layers} == {hf.config.rms_norm_eps}   # ffn_sub_norm's eps
     with pytest.raises(ValueError, match="head"):
         to_bitnet_transformer(hf, head="bf16")
+
+
+def threshold_weight(shape, generator):
+    """bf16 master weights where half the entries sit just above half of mean|W|: transformers' rule
+    (round(W / clamp(mean|W|))) sends them to +-1, the paper's W / (mean|W| + 1e-5) to 0."""
+    n = shape[0] * shape[1]
+    a, c = 2.0 ** -6, 0.046875                                   # mean|W| = (a + c) / 2 = 2a exactly ...
+    mags = torch.full((n,), c)
+    mags[: n // 2] = a
+    lower = max(1, round(n * 1e-4 * 2 * a / 2.44140625e-4))      # ... lowered by ~1e-4 relative with c - 1 ulp
+    mags[n // 2: n // 2 + lower] = c - 2.44140625e-4
+    signs = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+    perm = torch.randperm(n, generator=generator)
+    return (mags * signs)[perm].reshape(shape).to(torch.bfloat16)
+
+
+def test_online_checkpoint_quantises_as_transformers(tmp_path):
+    """Weights at the rounding threshold: our logits equal transformers' to ~1e-5 (packed and trainable)."""
+    from safetensors.torch import load_file
+
+    from bitnet import BitNetForCausalLM
+    from bitnet.quant import ternary_weight_quant
+
+    write_official(tmp_path, mode="online")
+    state = load_file(str(tmp_path / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    for i in range(LAYERS):
+        for name, shape in PROJ.items():
+            state[f"model.layers.{i}.{name}.weight"] = threshold_weight(shape, g)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    w = state["model.layers.0.mlp.down_proj.weight"].float()
+    paper, _ = ternary_weight_quant(w)
+    ours = BitNetForCausalLM.from_pretrained(tmp_path)
+    hf_values = ours.model.layers[0].mlp.down_proj.ternary_weight()
+    assert (paper.abs().sum() < 0.6 * hf_values.abs().sum())      # the two rules really differ here
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = load_transformers(tmp_path)(ids).logits
+        for got in (ours(ids).logits, BitNetForCausalLM.from_pretrained(tmp_path, trainable=True)(ids).logits):
+            assert ((got - ref).norm() / ref.norm()).item() < 2e-5

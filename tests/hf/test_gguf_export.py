@@ -1,5 +1,7 @@
 """GGUF export (arch bitnet, TQ2_0 / TQ1_0): read back with gguf's reader, dequantise, compare."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,112 @@ def test_official_bitnet_packed_export(tmp_path):
     values, scale = read_gguf_linear(path, "blk.0.ffn_down")
     np.testing.assert_array_equal(values, t.float().numpy())
     assert scale == 0.75
+
+
+def _fields(path):
+    return gguf.GGUFReader(str(path)).fields
+
+
+def test_hidden_activation_key_only_for_relu2_and_gelu(tmp_path, recwarn):
+    import warnings
+
+    torch.manual_seed(0)
+    silu = BitNetTransformer(num_tokens=256, dim=256, depth=1, heads=4, activation="silu", tie_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # no warning for silu
+        path = export_gguf(silu, tmp_path / "silu.gguf")
+    assert "bitnet.hidden_activation" not in _fields(path)              # the key makes one llama.cpp build abort
+    for act in ("relu2", "gelu"):
+        model = BitNetTransformer(num_tokens=256, dim=256, depth=1, heads=4, activation=act, tie_embeddings=True)
+        with pytest.warns(UserWarning, match=f"'{act}'.*hard-code SiLU"):
+            path = export_gguf(model, tmp_path / f"{act}.gguf")
+        assert _fields(path)["bitnet.hidden_activation"].contents() == act
+
+
+def test_byte_vocabulary_is_tokenised_by_llamacpp_as_our_bytes(tmp_path):
+    path = export_gguf(tiny_transformer(), tmp_path / "b.gguf")
+    f = _fields(path)
+    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
+    assert f["tokenizer.ggml.model"].contents() == "llama"
+    assert tokens[32] == "\u2581" and types[32] == 1                    # llama.cpp's escaped space -> id 32
+    assert all(tokens[i] == f"<0x{i:02X}>" and types[i] == 6 for i in range(256) if i != 32)
+    for key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+        assert f[f"tokenizer.ggml.{key}"].contents() is False, key
+
+
+@pytest.fixture(scope="module")
+def cli_trained_silu(tmp_path_factory):
+    """A silu model trained through ``bitnet train --tie-embeddings`` (dim 256: GGUF rows), and its GGUF."""
+    from bitnet.cli import main
+    from bitnet.io import load_model
+
+    root = tmp_path_factory.mktemp("cli_train")
+    data = root / "text.txt"
+    data.write_text("In the beginning God created the heaven and the earth. And the earth was without form. " * 200)
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--steps", "60", "--dim", "256", "--depth", "1",
+                 "--heads", "4", "--kv-heads", "2", "--ff-mult", "2", "--seq-len", "64", "--batch-size", "8",
+                 "--lr", "3e-3", "--tie-embeddings", "--activation", "silu", "--eval-every", "60",
+                 "--eval-batches", "1", "--no-progress", "--no-plot", "--device", "cpu", "--threads", "1"]) == 0
+    model = load_model(run).eval()
+    assert model.config["tie_embeddings"] is True and model.head.weight is model.embed.weight
+    path = export_gguf(model, root / "trained.gguf", ftype="TQ2_0", embed_dtype="f32")
+    return model, path
+
+
+def test_cli_trained_model_exports_and_imports_exactly(cli_trained_silu):
+    from bitnet import pack
+    from bitnet.convert.gguf_import import load_gguf
+
+    model, path = cli_trained_silu
+    assert "bitnet.hidden_activation" not in _fields(path)
+    got, tok = load_gguf(path, head="fp")
+    ref = pack(copy.deepcopy(model), head="fp").eval()
+    ids = torch.tensor([list(b"And the earth was without form")])
+    with torch.no_grad():
+        assert torch.equal(got(ids), ref(ids))
+    assert tok.encode("And the") == list(b"And the")
+
+
+LLAMA_CPP_SCRIPT = """
+import json, sys
+import numpy as np
+import llama_cpp
+path, text, out = sys.argv[1:4]
+llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+ids = llm.tokenize(text.encode())                      # as llama.cpp's completion does
+llm.eval(ids)
+np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
+print(json.dumps({"ids": ids, "text": llm.detokenize(ids).decode()}))
+"""
+
+
+def test_llama_cpp_runs_the_trained_silu_model(cli_trained_silu, tmp_path):
+    """The exported file in real llama.cpp (llama-cpp-python, when installed): our byte ids, close logits.
+    llama.cpp runs in a child process: its bundled ggml / OpenMP runtime must not share a process with torch."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    from bitnet import pack
+
+    model, path = cli_trained_silu
+    text = "And the earth was without form"
+    out = tmp_path / "scores.npy"
+    run = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(path), text, str(out)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    ids = result["ids"]
+    assert ids == list(text.encode())                                   # exactly our bytes: no BOS, no "▁"
+    assert result["text"] == text
+    theirs = torch.from_numpy(np.load(out))
+    with torch.no_grad():
+        ours = pack(copy.deepcopy(model), head="fp").eval()(torch.tensor([ids]))[0]
+    rel = ((theirs - ours).norm() / ours.norm()).item()
+    assert rel < 2e-2, rel                   # measured 4.5e-3: llama.cpp quantises activations per 256-block
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9

@@ -7,9 +7,16 @@ packed. Facts followed (DESIGN.md "Storage formats"):
 
 * keys ``bitnet.{context_length, embedding_length, block_count, feed_forward_length,
   attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon, rope.freq_base}``,
-  ``bitnet.hidden_activation`` ("relu2" / "silu" / "gelu": llama.cpp builds that hard-code SiLU in the
-  bitnet FFN run only "silu" models correctly), ``general.file_type`` 37 (TQ2_0) / 36 (TQ1_0),
-  ``tokenizer.ggml.model`` + ``tokenizer.ggml.tokens``;
+  ``general.file_type`` 37 (TQ2_0) / 36 (TQ1_0), ``tokenizer.ggml.model`` + ``tokenizer.ggml.tokens``;
+* ``bitnet.hidden_activation`` only for "relu2" and "gelu" models, with a warning: llama.cpp builds
+  that hard-code SiLU in the bitnet FFN run them wrongly, and the one proposed build that reads the key
+  maps "silu"/"gelu" to a fused gate+up op and aborts on our separate gate tensor. A "silu" model is
+  written without the key (what every llama.cpp build runs correctly; :mod:`.gguf_import` reads a
+  missing key as "silu"). "gelu" keeps its key so that the file still says what the model is;
+* byte-level models get a "llama" vocabulary of ``<0xNN>`` byte tokens with id 32 spelled ``"▁"`` (a
+  normal token), ``add_bos_token`` / ``add_eos_token`` / ``add_space_prefix`` false: llama.cpp's
+  SentencePiece tokeniser turns every space into "▁", which then maps to id 32, and adds neither a
+  BOS nor a leading space, so it gives exactly our byte ids (a literal "▁" in text becomes id 32 too);
 * tensors ``token_embd``, ``output_norm``, ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_sub_norm,
   attn_output, ffn_norm, ffn_gate, ffn_up, ffn_sub_norm, ffn_down}`` (+ F32 ``.scale`` [1] per linear,
   the factor the ternary values are multiplied by); no ``output.weight`` (head tied to embeddings);
@@ -22,6 +29,7 @@ packed. Facts followed (DESIGN.md "Storage formats"):
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -105,10 +113,19 @@ def _collect_llama(model) -> tuple[dict, list]:
     return hp, items
 
 
-def _byte_vocab(n: int) -> tuple[list[str], list[int]]:
-    """A "llama" vocabulary for byte-level models: ids 0..255 are the ``<0xNN>`` byte tokens."""
-    tokens = [f"<0x{i:02X}>" for i in range(min(n, 256))] + [f"<extra_{i}>" for i in range(256, n)]
-    types = [6] * min(n, 256) + [4] * max(0, n - 256)          # 6 = BYTE, 4 = USER_DEFINED
+SPACE_TOKEN = "\u2581"
+"""What llama.cpp's SentencePiece tokeniser turns a space into; the byte vocabulary's token 32."""
+
+
+def _byte_vocab(n: int, special: tuple[str, ...] = ()) -> tuple[list[str], list[int]]:
+    """A "llama" vocabulary for byte-level models: ids 0..255 are the ``<0xNN>`` byte tokens (id 32 is
+    ``"▁"``, see the module docstring), then the tokenizer's special tokens, then ``<extra_N>`` padding."""
+    tokens = [SPACE_TOKEN if i == 0x20 else f"<0x{i:02X}>" for i in range(min(n, 256))]
+    types = [1 if i == 0x20 else 6 for i in range(min(n, 256))]          # 1 = NORMAL, 6 = BYTE
+    tokens += list(special)
+    types += [3] * len(special)                                           # 3 = CONTROL
+    tokens += [f"<extra_{i}>" for i in range(len(tokens), n)]
+    types += [4] * (n - len(types))                                        # 4 = USER_DEFINED
     return tokens, types
 
 
@@ -118,9 +135,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, ftype: str = "TQ2_0",
 
     Args:
         ftype: ``"TQ2_0"`` (2.0625 bits/weight) or ``"TQ1_0"`` (1.6875 bits/weight).
-        tokenizer: a Hugging Face tokenizer (its vocabulary is written as a "gpt2" BPE vocab with merges)
-            or None: then the model must be byte-level (vocab >= 256 with ids 0..255 = bytes), written as
-            a "llama" vocab of ``<0xNN>`` tokens.
+        tokenizer: a Hugging Face tokenizer (its vocabulary is written as a "gpt2" BPE vocab with merges),
+            a :class:`bitnet.tokenizer.ByteTokenizer` (its special tokens follow the bytes, "<eos>" is the
+            eos token) or None: then the model must be byte-level (vocab >= 256 with ids 0..255 = bytes),
+            written as a "llama" vocab of ``<0xNN>`` tokens that llama.cpp tokenises as our bytes.
         embed_dtype: ``"f16"`` or ``"f32"`` for token_embd; norms and scales are always F32.
     Raises:
         ValueError naming the tensor when a linear's in_features is not a multiple of 256.
@@ -157,7 +175,12 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, ftype: str = "TQ2_0",
     w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
     w.add_rope_freq_base(float(hp["rope_base"]))
     w.add_rope_dimension_count(int(hp["embedding_length"]) // int(hp["head_count"]))
-    w.add_string("bitnet.hidden_activation", str(hp["activation"]))
+    activation = str(hp["activation"])
+    if activation != "silu":
+        w.add_string("bitnet.hidden_activation", activation)
+        warnings.warn(f"{path}: the model's FFN activation is {activation!r}; llama.cpp builds that hard-code SiLU "
+                      f"in the bitnet graph run this file wrongly (bitnet's own GGUF import reads it correctly)",
+                      UserWarning, stacklevel=2)
     w.add_file_type(int(getattr(gguf.LlamaFileType, "MOSTLY_" + ftype)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tokenizer, int(hp["vocab_size"]))
@@ -181,17 +204,28 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, ftype: str = "TQ2_0",
 
 
 def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
-    if tokenizer is None:
+    if tokenizer is None or getattr(tokenizer, "kind", None) == "bytes":
         if vocab_size < 256:
             raise ValueError(f"without a tokenizer the model must be byte-level (vocab >= 256), got {vocab_size}")
-        tokens, types = _byte_vocab(vocab_size)
+        special = tuple(getattr(tokenizer, "special_tokens", ()))
+        if 256 + len(special) > vocab_size:
+            raise ValueError(f"tokenizer has {256 + len(special)} tokens but the model only {vocab_size}")
+        tokens, types = _byte_vocab(vocab_size, special)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_scores([0.0] * len(tokens))
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)
+        eos = getattr(tokenizer, "eos_id", None)
+        if eos is not None:
+            w.add_eos_token_id(int(eos))
         return
     import json
 
+    if getattr(tokenizer, "kind", None) == "hf":                 # bitnet.tokenizer.HFTokenizer
+        tokenizer = tokenizer.hf
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
         raise ValueError(f"tokenizer has {len(vocab)} tokens but the model only {vocab_size}")
@@ -212,6 +246,9 @@ def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
         tid = getattr(tokenizer, attr, None)
         if tid is not None:
             adder(int(tid))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        w.add_chat_template(template)
 
 
 def read_gguf_linear(path: str | os.PathLike, name: str) -> tuple[np.ndarray, float]:

@@ -16,7 +16,13 @@ with ``quant_method="bitnet"``, ``linear_class="autobitlinear"``):
 
 * ``quantization_mode="offline"``: uint8 weights in the HF layout (:mod:`bitnet.convert.hf_bitnet`) and
   a ``weight_scale`` per linear that multiplies the output;
-* ``quantization_mode="online"``: bf16 master weights, quantised at run time (absmean ternary).
+* ``quantization_mode="online"``: bf16 master weights, quantised as transformers' ``AutoBitLinear``
+  does (:func:`hf_online_weight_quant`: the scale is ``mean|W|`` clamped to 1e-5, not the paper's
+  ``mean|W| + eps`` divisor), so our logits match transformers' own forward of that checkpoint.
+
+Fine-tuning: the packed layers are differentiable with respect to their input (frozen ternary weights,
+straight-through the activation quantiser), so ``gradient_checkpointing_enable()``, ``train()`` and
+adapters (:mod:`bitnet.hf.lora`) work on the packed model without any fp copy of its weights.
 """
 
 from __future__ import annotations
@@ -26,14 +32,15 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..convert.hf_bitnet import pack_hf_bitnet, unpack_hf_bitnet
-from ..nn.bitlinear import BitLinear
+from ..nn.bitlinear import BitLinear, check_in_features
 from ..nn.packed import PackedBitLinear
-from ..quant import pack_i2, unpack_i2
+from ..quant import fake_quant_activation, pack_i2, ste, unpack_i2
 
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUB_NORMS = {"self_attn.attn_sub_norm": "self_attn.o_proj.norm", "mlp.ffn_sub_norm": "mlp.down_proj.norm"}
@@ -58,6 +65,40 @@ class HFPackedBitLinear(PackedBitLinear):
     def ternary_weight(self) -> torch.Tensor:
         """The ternary values (out, in) as int8."""
         return unpack_i2(self.w_packed, self.in_features, torch.int8)
+
+
+HF_SCALE_MIN = 1e-5
+"""transformers' ``WeightQuant`` clamps ``mean|W|`` to this before inverting it."""
+
+
+def hf_online_weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary quantisation of transformers' online BitNet layers (``AutoBitLinear(online_quant=True)``).
+
+    ``inv = 1 / clamp(mean|W|, 1e-5)``, ``Wq = clamp(round(W * inv), -1, 1)``, dequantised ``Wq / inv``.
+    Returns ``(Wq in w's dtype, scale = 1 / inv as a 0-dim float32)``, computed in float32 as transformers
+    does. (Our own models keep the paper's ``W / (mean|W| + eps)``, :func:`bitnet.quant.ternary_weight_quant`.)
+    """
+    wf = w.float()
+    inv = 1.0 / wf.detach().abs().mean().clamp(min=HF_SCALE_MIN)
+    return (wf * inv).round().clamp(-1, 1).to(w.dtype), (1.0 / inv).detach()
+
+
+class HFOnlineBitLinear(BitLinear):
+    """``bitnet.nn.BitLinear`` (fp master weights, fake quantisation, STE) with the weight rule of
+    transformers' online BitNet layers (:func:`hf_online_weight_quant`): the trainable form of an online
+    (bf16 master weight) checkpoint, so training starts from exactly the network transformers runs."""
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return hf_online_weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_in_features(x, self.in_features, "HFOnlineBitLinear")
+        if self.norm is not None:
+            x = self.norm(x)
+        x = fake_quant_activation(x, self.bits, self.quant_strength)          # xq / s, STE
+        q, scale = self.quantized_weight()
+        w = ste(self.weight, (q.float() * scale).to(self.weight.dtype), self.quant_strength)   # Wq / inv, STE
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def llama_config_from_bitnet(config) -> LlamaConfig:
@@ -115,10 +156,11 @@ class BitNetForCausalLM(LlamaForCausalLM):
 
     config_class = LlamaConfig
 
-    def __init__(self, config, trainable: bool = False):
+    def __init__(self, config, trainable: bool = False, online_quant: bool = False):
         config = config if isinstance(config, LlamaConfig) else llama_config_from_bitnet(config)
         super().__init__(config)
         self.trainable = trainable
+        trainable_cls = HFOnlineBitLinear if online_quant else BitLinear
         for layer in self.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name in PROJ_NAMES:
@@ -128,8 +170,8 @@ class BitNetForCausalLM(LlamaForCausalLM):
                     norm = name in ("o_proj", "down_proj")
                     dev = lin.weight.device
                     if trainable:
-                        new = BitLinear(lin.in_features, lin.out_features, norm=norm, norm_eps=config.rms_norm_eps,
-                                        device=dev, dtype=lin.weight.dtype)
+                        new = trainable_cls(lin.in_features, lin.out_features, norm=norm,
+                                            norm_eps=config.rms_norm_eps, device=dev, dtype=lin.weight.dtype)
                     else:
                         new = HFPackedBitLinear(lin.in_features, lin.out_features, norm=norm,
                                                 norm_eps=config.rms_norm_eps, device=dev, dtype=lin.weight.dtype)
@@ -159,7 +201,7 @@ class BitNetForCausalLM(LlamaForCausalLM):
             raise ValueError(f"quantization_mode must be 'offline' or 'online', got {mode!r}")
         config = llama_config_from_bitnet(raw)
         with torch.device("meta"):
-            model = cls(config, trainable=trainable)
+            model = cls(config, trainable=trainable, online_quant=mode == "online")
         state = read_safetensors_folder(folder)
         model.load_state_dict(model._from_official(state, mode, dtype), strict=True, assign=True)
         model.model.rotary_emb = LlamaRotaryEmbedding(config)          # non-persistent buffers left on meta
@@ -184,10 +226,9 @@ class BitNetForCausalLM(LlamaForCausalLM):
             if mode == "offline":
                 values = unpack_hf_bitnet(t, torch.int8)                    # (out, in) ternary
                 scale = state[prefix + ".weight_scale"].float().reshape(())
-            else:
-                w = t.float()                                               # absmean ternary (2402.17764)
-                scale = w.abs().mean()
-                values = (w / (scale + 1e-5)).round().clamp(-1, 1).to(torch.int8)
+            else:                                                           # transformers' online rule
+                values, scale = hf_online_weight_quant(t)
+                values = values.to(torch.int8)
             if self.trainable:
                 if mode == "online":
                     out[prefix + ".weight"] = t.to(dtype)
@@ -271,7 +312,8 @@ def _atomic_write(path: str, write) -> None:
 
 
 
-__all__ = ["BitNetForCausalLM", "HFPackedBitLinear", "llama_config_from_bitnet", "read_safetensors_folder"]
+__all__ = ["BitNetForCausalLM", "HFOnlineBitLinear", "HFPackedBitLinear", "hf_online_weight_quant",
+           "llama_config_from_bitnet", "read_safetensors_folder", "to_bitnet_transformer"]
 
 
 @torch.no_grad()
@@ -335,6 +377,8 @@ def to_bitnet_transformer(model: "BitNetForCausalLM", head: str = "int8"):
         raise RuntimeError(f"layout mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         out.head.weight = out.embed.weight
+    for layer in out.layers:                                      # ffn_sub_norm uses rms_norm_eps too
+        layer.ffn.post_norm.eps = cfg.rms_norm_eps
     for m in out.modules():                                       # rotary tables were left on meta
         if hasattr(m, "build_tables"):
             m.build_tables(torch.device("cpu"))

@@ -59,6 +59,11 @@ class PackedBitLinear(nn.Module):
             packed.bias.copy_(layer.bias.float())
         return packed
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight under the name ``peft`` looks for on quantised base layers (device, dtype)."""
+        return self.w_packed
+
     def unpacked_weight(self) -> torch.Tensor:
         """The dequantised weight ``Wq * w_scale`` (out, in), float32 (for inspection and export)."""
         return unpack_i2(self.w_packed, self.in_features, torch.float32) * self.w_scale

@@ -8,7 +8,9 @@ Ops (``torch.library.custom_op`` in the ``bitnet`` namespace, each with a fake i
   ``acc * w_scale / x_scale (+ bias)``;
 * ``bitlinear_packed(x, w_packed, w_scale, in_features, bias, bits)`` -> float32 (M, N): per-token
   absmax int8 quantisation of ``x`` (as :func:`bitnet.quant.activation_quant_int8`) and the product
-  in one native call (the decode hot path).
+  in one native call (the decode hot path). Differentiable with respect to ``x`` (straight-through
+  the activation quantiser, through the frozen weights: :func:`ternary_input_grad`), so adapters train
+  on a packed base.
 
 Weights are in the I2 layout of :mod:`bitnet.quant.packing` (uint8 (N, ceil(K/128)*32)).
 
@@ -232,6 +234,51 @@ def _(x, w_packed, w_scale, in_features, bias, bits):
     return x.new_empty((x.shape[0], w_packed.shape[0]), dtype=torch.float32)
 
 
+# ------------------------------------------------------------------------------------------------
+# Backward of bitlinear_packed with respect to its input (frozen packed weights: adapters / LoRA on a
+# 2-bit base). Straight-through estimator through the activation quantiser (2402.17764: d q(x)/dx := 1),
+# so with y = (xq @ Wq^T) * gamma / s:   grad_x = grad_y @ (Wq * gamma)   (M, N) @ (N, K) -> (M, K).
+# The weights are unpacked a block of rows at a time into a temporary (at most GRAD_CHUNK_ELEMENTS
+# values), so no float copy of a layer's weight outlives the call, let alone one of the whole model.
+
+GRAD_CHUNK_ELEMENTS = 1 << 22
+"""Largest temporary (rows x in_features values) a backward call unpacks at once (16 MB in float32)."""
+
+
+def ternary_input_grad(grad_y: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       in_features: int) -> torch.Tensor:
+    """``grad_y @ (Wq * w_scale)``: float32 (M, K) from grad_y (M, N) and I2 weights (N, ceil(K/128)*32)."""
+    from ..quant import unpack_i2
+
+    g = grad_y.to(torch.float32)
+    n = w_packed.shape[0]
+    rows = max(1, GRAD_CHUNK_ELEMENTS // max(1, in_features))
+    out = g.new_zeros((g.shape[0], in_features))
+    for r0 in range(0, n, rows):
+        w = unpack_i2(w_packed[r0:r0 + rows], in_features, torch.float32)      # (rows, K) temporary
+        out.addmm_(g[:, r0:r0 + rows], w)
+    return out * w_scale.to(torch.float32)
+
+
+def _bitlinear_setup_context(ctx, inputs, output):
+    x, w_packed, w_scale, in_features, bias, _bits = inputs
+    ctx.save_for_backward(w_packed, w_scale)
+    ctx.in_features, ctx.x_dtype = in_features, x.dtype
+
+
+def _bitlinear_backward(ctx, grad_y):
+    w_packed, w_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = ternary_input_grad(grad_y, w_packed, w_scale, ctx.in_features).to(ctx.x_dtype)
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad_y.sum(0)
+    return grad_x, None, None, None, grad_bias, None
+
+
+_op_bitlinear.register_autograd(_bitlinear_backward, setup_context=_bitlinear_setup_context)
+
+
 def _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits):
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
         raise TypeError(f"x must be a 2-D floating point tensor (M, K), got {_describe(x)}")
@@ -330,5 +377,5 @@ def bitlinear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
 
 __all__ = [
     "BACKENDS", "backend", "bitlinear_packed", "get_num_threads", "native_info", "set_backend",
-    "set_num_threads", "ternary_linear", "ternary_matmul_int",
+    "set_num_threads", "ternary_input_grad", "ternary_linear", "ternary_matmul_int",
 ]

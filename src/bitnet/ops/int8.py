@@ -12,6 +12,8 @@ with one float32 scale per output row it is 4x smaller, and the product runs in 
 
 Backends: the native CPU library (AVX2, scalar; bitnet_int8_* in ``csrc/int8*.cpp``) for CPU tensors
 when it is loaded and has these functions, the pure-torch reference otherwise (any device).
+``int8_linear`` is differentiable with respect to x (straight-through the activation quantiser, frozen
+weights: :func:`int8_input_grad`).
 """
 
 from __future__ import annotations
@@ -171,11 +173,46 @@ def _(x, w_q, w_scale, bias, bits):
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
 
 
+# Backward with respect to x (frozen int8 weights; straight-through the activation quantiser):
+#   grad_x = grad_y @ (W_q * w_scale[:, None])     (M, N) @ (N, K) -> (M, K)
+# dequantised a block of rows at a time (at most GRAD_CHUNK_ELEMENTS values), nothing kept.
+
+GRAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def int8_input_grad(grad_y: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``grad_y @ (w_q * w_scale[:, None])``: float32 (M, K) from grad_y (M, N), w_q int8 (N, K)."""
+    g = grad_y.to(torch.float32)
+    n, k = w_q.shape
+    rows = max(1, GRAD_CHUNK_ELEMENTS // max(1, k))
+    out = g.new_zeros((g.shape[0], k))
+    for r0 in range(0, n, rows):
+        w = w_q[r0:r0 + rows].to(torch.float32) * w_scale[r0:r0 + rows].to(torch.float32)[:, None]   # temporary
+        out.addmm_(g[:, r0:r0 + rows], w)
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_q, w_scale, _bias, _bits = inputs
+    ctx.save_for_backward(w_q, w_scale)
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad_y):
+    w_q, w_scale = ctx.saved_tensors
+    grad_x = int8_input_grad(grad_y, w_q, w_scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_bias, None
+
+
+_op_int8_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _plain_eager(*tensors) -> bool:
     from . import _plain_eager as plain
 
     return plain(*tensors)
 
 
-__all__ = ["MAX_K", "int8_linear", "int8_matmul_int", "native_available", "quantize_weight_int8",
+__all__ = ["MAX_K", "int8_input_grad", "int8_linear", "int8_matmul_int", "native_available", "quantize_weight_int8",
            "reference_linear", "reference_matmul_int"]

@@ -17,7 +17,7 @@ _FIELDS = {
     "eval_every": "eval_every", "eval_batches": "eval_batches", "save_every": "save_every",
     "log_every": "log_every", "seed": "seed", "bits": "bits", "val_fraction": "val_fraction",
     "max_time": "max_time", "stop_at": "stop_at", "activation": "activation", "threads": "threads",
-    "fsdp": "fsdp",
+    "fsdp": "fsdp", "tie_embeddings": "tie_embeddings",
 }
 
 
@@ -49,6 +49,8 @@ def add_train_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--kv-heads", type=int)
     p.add_argument("--ff-mult", type=float)
     p.add_argument("--activation", choices=("silu", "gelu", "relu2"))
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the embedding matrix with the output head (needed for GGUF export)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)

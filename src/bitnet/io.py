@@ -28,7 +28,8 @@ No pickle anywhere: ``.pth``/``.pt`` state dicts are read with ``torch.load(weig
 Untrusted files are checked before use: files named by a config (``files.model``) must lie inside its
 folder; a model config is type-checked and compared with the tensor shapes of the file (read from the
 safetensors header) before any model is built; float tensors must be finite and packed 2-bit codes in
-{0, 1, 2}. Every such error is one line naming the file and the field or tensor.
+{0, 1, 2}. Every such error is one line naming the file and the field or tensor (the checks live in
+:mod:`bitnet.io_checks`).
 
 Tied weights (``tie_embeddings=True``: ``head.weight`` *is* ``embed.weight``) cannot be stored twice
 in safetensors; the duplicate is dropped at save time and re-tied at load time.
@@ -39,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 import uuid
 import warnings
@@ -48,6 +48,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .io_checks import (LAYER_RE, MAX_SEQ_LEN, CheckpointError, check_fields_against_shapes,  # noqa: F401
+                        check_model_config, check_tensor_values, first_line, inside, parse_aliases, plain_name,
+                        positive_int, short_repr)
 
 FORMAT = "bitnet"
 FORMAT_VERSION = 1
@@ -61,13 +65,7 @@ CHECKPOINT_ID_KEY = "bitnet.checkpoint_id"
 RUN_FILES = (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, PENDING_FILE, "log.csv", "loss.png")
 """Files of a run folder whose temporary files (``.<name>.*.tmp``) :func:`remove_stale_temps` deletes."""
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-MAX_SEQ_LEN = 1 << 20
-"""Largest ``max_seq_len`` a loaded config may ask for: every layer builds rotary tables of
-``max_seq_len x head_dim`` floats when the model is made (and a server KV caches of that length)."""
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be read (corrupt, wrong keys, wrong shapes)."""
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -307,7 +305,7 @@ def recover_checkpoint(run_dir) -> bool:
         raise CheckpointError(f"{pending}: unreadable journal of an interrupted save ({e}); delete it to keep "
                               f"the previous checkpoint of {run_dir}") from e
     for name, tmp in renames.items():
-        if name not in (MODEL_FILE, OPTIMIZER_FILE) or not isinstance(tmp, str) or not _plain_name(tmp):
+        if name not in (MODEL_FILE, OPTIMIZER_FILE) or not isinstance(tmp, str) or not plain_name(tmp):
             raise CheckpointError(f"{pending}: the journal names an unexpected file {name!r} -> {tmp!r}")
         src, dst = run_dir / tmp, run_dir / name
         if src.is_file():
@@ -352,23 +350,6 @@ def verify_checkpoint(run_dir, config: dict | None = None, roles=("model",)) -> 
                 f"{run_dir} holds a torn checkpoint: {files[role]} is from another save than {CONFIG_FILE} "
                 f"(checkpoint id {got or 'none'}, {CONFIG_FILE} names {ckpt['id']}); resume from another copy "
                 "of the run or start a new one")
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
-
-
-def inside(folder, name, source, field: str) -> Path:
-    """``folder / name`` for a file name read from ``source`` (at ``field``); CheckpointError unless it is
-    a relative path that stays inside ``folder`` (not absolute, no ``..``). Symbolic links placed in the
-    folder are followed as they are (a Hugging Face snapshot links its files into a blob store)."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise CheckpointError(f"{source}: {field} must be the name of a file inside {folder}, got {_short(name)}")
-    rel = Path(name)
-    if rel.is_absolute() or rel.drive or ".." in rel.parts or "\\" in name:
-        raise CheckpointError(f"{source}: {field} = {name!r} points outside the folder {folder}; the files a "
-                              "config names must lie inside its folder")
-    return Path(folder) / rel
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -458,7 +439,7 @@ def read_safetensors_header(path) -> tuple[dict[str, torch.Tensor], dict[str, st
                 sl = f.get_slice(k)
                 shapes[k] = torch.empty(sl.get_shape(), dtype=dtypes.get(sl.get_dtype(), torch.uint8), device="meta")
     except Exception as e:  # safetensors raises SafetensorError / OSError for damaged files
-        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {first_line(e)}") from e
     return shapes, meta
 
 
@@ -473,18 +454,8 @@ def _read_safetensors(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError / OSError for damaged files
-        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {first_line(e)}") from e
     return tensors, meta
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _short(value, limit: int = 80) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -525,13 +496,10 @@ def read_state_dict(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict[s
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError (not weights-only), RuntimeError / EOFError (truncated)
         raise CheckpointError(
-            f"cannot read {path} with torch.load(weights_only=True): {_first_line(e)}. Only plain state dicts "
+            f"cannot read {path} with torch.load(weights_only=True): {first_line(e)}. Only plain state dicts "
             "are loaded (no pickled modules); re-save with torch.save(model.state_dict(), path)"
         ) from e
     return _unwrap_state_dict(obj, path), {}
-
-
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 
 def guess_heads(dim: int, kv_dim: int) -> int:
@@ -563,7 +531,7 @@ def infer_config(state: dict[str, torch.Tensor], heads: int | None = None, sourc
         return state[key]
 
     num_tokens, dim = need("embed.weight").shape
-    layers = {int(m.group(1)) for k in state if (m := _LAYER_RE.match(k))}
+    layers = {int(m.group(1)) for k in state if (m := LAYER_RE.match(k))}
     if not layers:
         raise CheckpointError(f"{source} has no 'layers.N.*' tensors; cannot infer depth")
     hidden = need("layers.0.ffn.up.weight").shape[0]
@@ -572,7 +540,7 @@ def infer_config(state: dict[str, torch.Tensor], heads: int | None = None, sourc
         heads = guess_heads(dim, kv_dim)
         warnings.warn(f"{source}: number of heads is not stored in a state dict; guessed heads={heads} "
                       "(pass heads=... or a config to be sure)", stacklevel=3)
-    if not _positive_int(heads) or dim % heads:
+    if not positive_int(heads) or dim % heads:
         raise CheckpointError(f"{source}: heads={heads!r} must be a positive integer dividing dim={dim}")
     head_dim = dim // heads
     ff_mult = hidden / dim
@@ -629,19 +597,19 @@ def read_config(path) -> dict:
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt JSON in {cfg}: {_first_line(e)}") from e
+        raise CheckpointError(f"corrupt JSON in {cfg}: {first_line(e)}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg} must hold a JSON object, got {type(data).__name__}")
     for field in _OBJECT_FIELDS:
         if field in data and not isinstance(data[field], dict):
-            raise CheckpointError(f"{cfg}: {field} must be a JSON object, got {_short(data[field])}")
+            raise CheckpointError(f"{cfg}: {field} must be a JSON object, got {short_repr(data[field])}")
     if "tokenizer" in data and data["tokenizer"] is not None and not isinstance(data["tokenizer"], dict):
-        raise CheckpointError(f"{cfg}: tokenizer must be a JSON object (or null: bytes), got {_short(data['tokenizer'])}")
+        raise CheckpointError(f"{cfg}: tokenizer must be a JSON object (or null: bytes), got {short_repr(data['tokenizer'])}")
     for role, name in (data.get("files") or {}).items():
         inside(cfg.parent, name, cfg, f"files.{role}")
     ckpt = data.get("checkpoint")
     if ckpt is not None and not (isinstance(ckpt.get("id"), str) and ckpt["id"]):
-        raise CheckpointError(f"{cfg}: checkpoint.id must be a non-empty string, got {_short(ckpt.get('id'))}")
+        raise CheckpointError(f"{cfg}: checkpoint.id must be a non-empty string, got {short_repr(ckpt.get('id'))}")
     return data
 
 
@@ -665,100 +633,8 @@ def _config_from(config, path: Path) -> tuple[dict, str]:
         cfg = data.get("model_config", data)
         source = str(config if Path(config).suffix == ".json" else Path(config) / CONFIG_FILE)
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{source}: model_config must be a JSON object, got {_short(cfg)}")
+        raise CheckpointError(f"{source}: model_config must be a JSON object, got {short_repr(cfg)}")
     return dict(cfg), source
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_model_config(cfg, source) -> dict:
-    """Type- and range-check BitNetTransformer kwargs read from a file; returns a copy. CheckpointError
-    naming ``source`` and the field (``model_config.<field>``) otherwise. ``packed`` and ``model_type``
-    (this package's own keys) are allowed too."""
-    import inspect
-
-    from .models import BitNetTransformer
-    from .nn.feedforward import ACTIVATIONS
-    from .nn.layers import WEIGHTS_CHOICES
-
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{source}: model_config must be a JSON object, got {_short(cfg)}")
-    allowed = set(inspect.signature(BitNetTransformer).parameters) | {"packed", "model_type"}
-    for key in cfg:
-        if key not in allowed:
-            raise CheckpointError(f"{source}: model_config.{key} is not a BitNetTransformer argument "
-                                  f"(allowed: {', '.join(sorted(allowed))})")
-
-    def check(field, ok, allowed_text):
-        if field in cfg and not ok(cfg[field]):
-            raise CheckpointError(f"{source}: model_config.{field} must be {allowed_text}, got {_short(cfg[field])}")
-
-    for field in ("num_tokens", "dim", "depth", "heads"):
-        check(field, _positive_int, "a positive integer")
-    check("max_seq_len", lambda v: _positive_int(v) and v <= MAX_SEQ_LEN, f"an integer in [1, {MAX_SEQ_LEN}]")
-    check("kv_heads", lambda v: v is None or _positive_int(v), "null or a positive integer")
-    check("ff_mult", lambda v: _number(v) and 0 < v <= 1024, "a number in (0, 1024]")
-    check("weights", lambda v: isinstance(v, str) and v in WEIGHTS_CHOICES, f"one of {WEIGHTS_CHOICES}")
-    check("bits", lambda v: _positive_int(v) and 2 <= v <= 8, "an integer in 2..8")
-    check("dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
-    check("activation", lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {ACTIVATIONS}")
-    for field in ("rope_base", "norm_eps"):
-        check(field, lambda v: _number(v) and v > 0, "a number > 0")
-    for field in ("tie_embeddings", "packed"):
-        check(field, lambda v: isinstance(v, bool), "true or false")
-    check("model_type", lambda v: v == "BitNetTransformer", "'BitNetTransformer' (the only model bitnet loads)")
-    dim, heads, kv = cfg.get("dim"), cfg.get("heads", 8), cfg.get("kv_heads")
-    if dim is not None and dim % heads:
-        raise CheckpointError(f"{source}: model_config.heads={heads} must divide dim={dim}")
-    if dim is not None and kv is not None and heads % kv:
-        raise CheckpointError(f"{source}: model_config.kv_heads={kv} must divide heads={heads}")
-    return dict(cfg)
-
-
-def _rows(shapes: dict[str, torch.Tensor], layer: str) -> int | None:
-    """Output rows of a linear layer in a (packed or not) state dict: dim 0 of weight / w_packed / w_int8."""
-    for suffix in (".weight", ".w_packed", ".w_int8"):
-        t = shapes.get(layer + suffix)
-        if t is not None and t.dim() >= 1:
-            return int(t.shape[0])
-    return None
-
-
-def _check_fields_against_shapes(cfg: dict, shapes: dict[str, torch.Tensor], packed: bool, weights_file,
-                                 cfg_source: str) -> None:
-    """CheckpointError naming the config field that the file's tensor shapes contradict (before any model
-    is built from ``cfg``, so that a wrong size never allocates)."""
-    def mismatch(field, value, evidence):
-        raise CheckpointError(f"{cfg_source}: model_config.{field}={value!r} does not match the tensors of "
-                              f"{weights_file} ({evidence})")
-
-    emb = shapes.get("embed.weight")
-    if emb is not None and emb.dim() == 2:
-        if cfg["num_tokens"] != emb.shape[0]:
-            mismatch("num_tokens", cfg["num_tokens"], f"embed.weight has {emb.shape[0]} rows")
-        if cfg["dim"] != emb.shape[1]:
-            mismatch("dim", cfg["dim"], f"embed.weight has {emb.shape[1]} columns")
-    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_RE.match(k))}
-    if layers and cfg["depth"] != max(layers) + 1:
-        mismatch("depth", cfg["depth"], f"the file has layers 0..{max(layers)}")
-    dim, heads = cfg["dim"], cfg.get("heads", 8)
-    kv_rows = _rows(shapes, "layers.0.attn.k_proj")
-    kv_heads = cfg.get("kv_heads") or heads
-    if kv_rows is not None and kv_rows != kv_heads * (dim // heads):
-        mismatch("kv_heads", cfg.get("kv_heads"), f"layers.0.attn.k_proj has {kv_rows} rows = kv_heads x head_dim "
-                 f"{dim // heads}" + ("" if kv_rows % (dim // heads) else "; heads does not fit either"))
-    hidden = _rows(shapes, "layers.0.ffn.up")
-    if hidden is not None and hidden != int(dim * cfg.get("ff_mult", 4)):
-        mismatch("ff_mult", cfg.get("ff_mult", 4), f"layers.0.ffn.up has {hidden} rows = dim x ff_mult")
-    if not packed and layers and "tie_embeddings" in cfg and cfg["tie_embeddings"] == ("head.weight" in shapes):
-        mismatch("tie_embeddings", cfg["tie_embeddings"],
-                 "the file has a separate head.weight" if "head.weight" in shapes else "the file has no head.weight")
 
 
 def check_state_shapes(model: nn.Module, shapes: dict[str, torch.Tensor], aliases: dict[str, str], source) -> None:
@@ -800,36 +676,6 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], aliases:
     model.load_state_dict(tensors, strict=True, assign=assign)
 
 
-def _parse_aliases(meta: dict[str, str], source) -> dict[str, str]:
-    """The ``bitnet.aliases`` metadata: {dropped tensor: kept tensor}."""
-    try:
-        aliases = json.loads(meta.get("bitnet.aliases", "{}"))
-    except ValueError as e:
-        raise CheckpointError(f"{source}: metadata 'bitnet.aliases' is not JSON ({_first_line(e)})") from e
-    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-        raise CheckpointError(f"{source}: metadata 'bitnet.aliases' must map tensor names to tensor names, "
-                              f"got {_short(aliases)}")
-    return aliases
-
-
-def check_tensor_values(tensors: dict[str, torch.Tensor], source) -> None:
-    """CheckpointError naming the tensor and ``source`` for a float tensor holding NaN or inf, or an I2
-    packed weight (``*.w_packed``) holding the 2-bit code 3 (only 0, 1, 2 = -1, 0, +1 are defined)."""
-    chunk = 1 << 24                                        # elements per check: bounded temporary memory
-    for name, t in tensors.items():
-        flat = t.reshape(-1)
-        if t.dtype.is_floating_point:
-            for i in range(0, flat.numel(), chunk):
-                if not bool(torch.isfinite(flat[i:i + chunk]).all()):
-                    raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
-        elif name.endswith(".w_packed") and t.dtype == torch.uint8:
-            for i in range(0, flat.numel(), chunk):
-                part = flat[i:i + chunk]
-                if bool((part & (part >> 1) & 0x55).any()):           # both bits of a 2-bit field set
-                    raise CheckpointError(f"{source}: tensor {name!r} holds the 2-bit code 3, which is not a "
-                                          "ternary weight (codes 0, 1, 2 = -1, 0, +1)")
-
-
 def load_model(path, device=None, *, config: dict | str | os.PathLike | None = None, **overrides) -> nn.Module:
     """Load a BitNetTransformer in eval mode.
 
@@ -862,7 +708,7 @@ def load_model(path, device=None, *, config: dict | str | os.PathLike | None = N
     else:
         tensors, meta = read_state_dict(weights_file, device="cpu")
         shapes = tensors
-    aliases = _parse_aliases(meta, weights_file)
+    aliases = parse_aliases(meta, weights_file)
     if config is not None:
         cfg, cfg_source = _config_from(config, weights_file)
     elif cfg_file is not None:
@@ -872,13 +718,13 @@ def load_model(path, device=None, *, config: dict | str | os.PathLike | None = N
         try:
             cfg = json.loads(meta["bitnet.config"])
         except ValueError as e:
-            raise CheckpointError(f"{cfg_source} is not JSON ({_first_line(e)})") from e
+            raise CheckpointError(f"{cfg_source} is not JSON ({first_line(e)})") from e
     else:
         cfg_source = str(weights_file)
         cfg = infer_config({**shapes, **{k: shapes[v] for k, v in aliases.items() if v in shapes}},
                            heads=overrides.get("heads"), source=str(weights_file))
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_source}: model_config must be a JSON object, got {_short(cfg)}")
+        raise CheckpointError(f"{cfg_source}: model_config must be a JSON object, got {short_repr(cfg)}")
     cfg = check_model_config({**cfg, **overrides}, cfg_source)
     cfg.pop("model_type", None)
     packed = bool(cfg.pop("packed", False))
@@ -886,7 +732,7 @@ def load_model(path, device=None, *, config: dict | str | os.PathLike | None = N
         if field not in cfg:
             raise CheckpointError(f"{cfg_source}: model_config.{field} is missing")
     shapes = _expanded_shapes(shapes, meta, weights_file)
-    _check_fields_against_shapes(cfg, shapes, packed, weights_file, cfg_source)
+    check_fields_against_shapes(cfg, shapes, packed, weights_file, cfg_source)
     try:
         with torch.device("meta"):                   # nothing allocated until the file is known to fit
             model = BitNetTransformer(**cfg)
@@ -941,7 +787,7 @@ def _expanded_shapes(shapes: dict[str, torch.Tensor], meta: dict[str, str], sour
                 out[name] = t
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: metadata '{COMPACT_KEY}' is not a valid {{tensor: [rows, columns]}} map "
-                              f"({_first_line(e)})") from e
+                              f"({first_line(e)})") from e
     return out
 
 

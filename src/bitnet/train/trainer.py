@@ -29,7 +29,6 @@ import contextlib
 import csv
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import signal

@@ -31,9 +31,7 @@ import dataclasses
 import importlib.util
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import (CONFIG_FILE, OPTIMIZER_FILE, PENDING_FILE, CheckpointError, atomic_write_text, inside,
+from ..io import (CONFIG_FILE, OPTIMIZER_FILE, PENDING_FILE, CheckpointError, inside,
                   load_model, load_optimizer, read_config, recover_checkpoint, remove_stale_temps, resolve_device,
                   save_checkpoint, verify_checkpoint)
 from ..models import BitNetTransformer
@@ -50,9 +48,9 @@ from ..nn.feedforward import ACTIVATIONS
 from ..nn.layers import WEIGHTS_CHOICES
 from ..tokenizer import ByteTokenizer
 from .data import DEFAULT_PATTERNS, Corpus, get_batch, load_corpus
+from .resume import LOG_FIELDS, StopRequest, check_train_state, truncate_log
 from .schedule import TwoStageSchedule
 
-LOG_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "elapsed")
 
 
 @dataclass
@@ -410,7 +408,7 @@ def _build(cfg: TrainConfig, run_dir: Path, device: torch.device, tokenizer) -> 
     if (saved.get("model_config") or {}).get("packed"):
         raise CheckpointError(f"{cfg_file}: model_config.packed is true: a packed model cannot be trained further")
     verify_checkpoint(run_dir, saved, roles=("model", "optimizer") if saved.get("checkpoint") else ("model",))
-    state = _check_train_state(saved.get("train_state"), cfg_file)
+    state = check_train_state(saved.get("train_state"), cfg_file)
     model = load_model(run_dir, device=device)
     optimizer = make_optimizer(model, cfg)
     opt_name = (saved.get("files") or {}).get("optimizer", OPTIMIZER_FILE)
@@ -424,74 +422,12 @@ def _build(cfg: TrainConfig, run_dir: Path, device: torch.device, tokenizer) -> 
     return model, optimizer, state["step"], state, rng
 
 
-def _check_train_state(state, cfg_file: Path) -> dict:
-    """config.json's train_state, type-checked (errors name the file and the field)."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{cfg_file}: train_state must be a JSON object, got {state!r}"[:300])
-
-    def bad(field, allowed):
-        raise CheckpointError(f"{cfg_file}: train_state.{field} must be {allowed}, got {state[field]!r}"[:300])
-
-    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
-        raise CheckpointError(f"{cfg_file}: train_state.step must be an integer >= 0, got {state.get('step')!r}"[:300])
-    if "tokens_seen" in state and (not isinstance(state["tokens_seen"], int) or isinstance(state["tokens_seen"], bool)
-                                   or state["tokens_seen"] < 0):
-        bad("tokens_seen", "an integer >= 0")
-    for field in ("elapsed", "val_loss", "initial_val_loss"):
-        v = state.get(field)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            bad(field, "a finite number" + (" or null" if field != "elapsed" else ""))
-    return state
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the rows of log.csv up to ``last_step`` (the checkpoint a run resumes from; -1: none), so that
-    the rows a killed run wrote after its last checkpoint are not repeated by the resumed run."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= last_step]
-    if len(keep) == len(rows) and rows:
-        return
-    lines = [",".join(LOG_FIELDS)]
-    lines += [",".join(r.get(k) or "" for k in LOG_FIELDS) for r in keep]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
 def _check_data_fits(corpus: Corpus, cfg: TrainConfig) -> None:
     for split, data in (("training", corpus.train), ("validation", corpus.val)):
         if len(data) < cfg.seq_len + 1:
             raise ValueError(f"data {corpus.name!r}: its {split} split has {len(data)} bytes, fewer than "
                              f"seq_len + 1 = {cfg.seq_len + 1}; use more data, a shorter --seq-len or another "
                              "--val-fraction")
-
-
-class _StopRequest:
-    """Ctrl-C (SIGINT) while training: the first one asks the loop to stop at the next step boundary
-    (where a checkpoint is exact), a second one raises KeyboardInterrupt at once."""
-
-    def __init__(self, say):
-        self.requested = False
-        self._say = say
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again: stop at once, "
-              "without one)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
@@ -536,7 +472,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
     if main:                                                 # everything checked: now the folder may be made
         run_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temps(run_dir)
-        _truncate_log(run_dir / "log.csv", start if start > 0 else -1)
+        truncate_log(run_dir / "log.csv", start if start > 0 else -1)
     params = sum(p.numel() for p in model.parameters())
     data_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)     # each rank its own windows
     if rng is not None:
@@ -625,7 +561,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
         wrapped.train()
     running, n_running, step, stopped = 0.0, 0, start, "steps"
     train_loss = float("nan")
-    stop = _StopRequest(say)                                 # Ctrl-C: stop at the next step boundary
+    stop = StopRequest(say)                                 # Ctrl-C: stop at the next step boundary
     try:
         with stop:
             for step in range(start, end):

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -403,6 +404,28 @@ double sum_squares(const float* x, int64_t K) {
   return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
+// Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
+// so this is the check that keeps a non-finite row from being quantised as if it were finite: an
+// integer OR-reduction over a row the absmax has just read (in L1), vectorised by the compiler.
+bool row_nonfinite(const float* x, int64_t K) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= (u & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad != 0;
+}
+
+// Scale of a non-finite row, as bitnet.quant.activation_quant_int8 computes it: Qp / max|x| is NaN
+// when the row holds a NaN, else 0 (max|x| = inf). Its codes are all 0 (torch turns NaN into int8 0),
+// so every output of the row is NaN (0 / 0 or 0 / NaN in the float epilogue), as in the reference.
+float nonfinite_scale(const float* x, int64_t K) {
+  for (int64_t i = 0; i < K; ++i)
+    if (x[i] != x[i]) return std::numeric_limits<float>::quiet_NaN();
+  return 0.0f;
+}
+
 // Per-token absmax quantisation of x (M, K) float32 into the kernel layout of xb; xs[m] = scale.
 // With norm_weight, each row is first RMS-normalised as bitnet.nn.RMSNorm does in float32:
 //   y = (x * rsqrt(mean(x^2) + norm_eps)) * norm_weight
@@ -422,9 +445,15 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
         for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
         xr = normed.data();
       }
+      int8_t* dst = xb.x.data() + m * xb.ldx;
+      if (row_nonfinite(xr, K)) {            // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+        xs[m] = nonfinite_scale(xr, K);
+        std::memset(dst, 0, (size_t)xb.ldx);
+        xb.sum[m] = 0;
+        continue;
+      }
       const float s = act_scale(k.absmax(xr, K), eps, qp);
       xs[m] = s;
-      int8_t* dst = xb.x.data() + m * xb.ldx;
       if (!inter) {
         k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
         std::memset(dst + K, 0, (size_t)(xb.ldx - K));
@@ -548,6 +577,11 @@ int bitnet_quantize_act(const float* x, int64_t M, int64_t K, int64_t ldx, int b
   const int qp = (1 << (bits - 1)) - 1;
   for_tokens(M, K, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
+      if (row_nonfinite(x + m * ldx, K)) {   // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+        scale[m] = nonfinite_scale(x + m * ldx, K);
+        std::memset(xq + m * ldq, 0, (size_t)K);
+        continue;
+      }
       const float s = act_scale(k.absmax(x + m * ldx, K), eps, qp);
       scale[m] = s;
       k.quant(x + m * ldx, K, s, (float)(-qp - 1), (float)qp, xq + m * ldq);

@@ -9,6 +9,8 @@ text exactly. :class:`HFTokenizer` wraps a Hugging Face tokenizer behind the sam
 from __future__ import annotations
 
 import codecs
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -180,13 +182,54 @@ class HFTokenizer:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
-def tokenizer_from_config(cfg: dict | None):
-    """Rebuild the tokenizer stored by ``to_config()``; None gives the plain ByteTokenizer."""
-    if not cfg:
+def tokenizer_from_config(cfg: dict | None, source=None):
+    """Rebuild the tokenizer stored by ``to_config()``; None gives the plain ByteTokenizer.
+
+    ``source`` (the config.json the dict came from) is named in errors, and a relative Hugging Face
+    tokenizer ``name`` is looked up in its folder first, then in the working directory. A name that is
+    no folder is loaded from the Hugging Face cache only: reading a checkpoint never goes online.
+    Errors are ValueErrors naming the file and the field (``tokenizer.<field>``)."""
+    where = f"{source}: " if source is not None else ""
+    if cfg is None or (isinstance(cfg, dict) and not cfg):
         return ByteTokenizer()
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}tokenizer must be a JSON object, got {type(cfg).__name__}")
     kind = cfg.get("type")
     if kind == "bytes":
-        return ByteTokenizer(cfg.get("special_tokens", ()))
+        special = cfg.get("special_tokens", [])
+        if not isinstance(special, (list, tuple)) or not all(isinstance(t, str) and t for t in special) \
+                or len(set(special)) != len(special):
+            raise ValueError(f"{where}tokenizer.special_tokens must be a list of distinct non-empty strings, "
+                             f"got {special!r}"[:300])
+        return ByteTokenizer(special)
     if kind == "hf":
-        return HFTokenizer(cfg["name"])
-    raise ValueError(f"tokenizer type must be 'bytes' or 'hf', got {kind!r}")
+        name = cfg.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}tokenizer.name must be a folder with Hugging Face tokenizer files, got {name!r}")
+        return _hf_tokenizer_from_config(name, source, where)
+    raise ValueError(f"{where}tokenizer.type must be 'bytes' or 'hf', got {kind!r}"[:300])
+
+
+def _hf_tokenizer_from_config(name: str, source, where: str) -> "HFTokenizer":
+    candidates = [Path(name)]
+    if source is not None and not Path(name).is_absolute():
+        candidates.insert(0, Path(source).parent / name)
+    folder = next((c for c in candidates if c.is_dir()), None)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ValueError(f"{where}tokenizer.type 'hf' needs transformers: pip install transformers") from e
+    try:
+        if folder is not None:
+            hf = AutoTokenizer.from_pretrained(os.fspath(folder))
+        else:
+            hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as e:  # OSError (no such tokenizer), ValueError / JSON errors (damaged files), ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        what = (f"the folder {folder} holds no readable tokenizer" if folder is not None else
+                f"{name!r} is not a folder (looked in {', '.join(map(str, candidates))}) nor a cached Hugging Face "
+                "tokenizer")
+        raise ValueError(f"{where}tokenizer.name: {what} ({type(e).__name__}: {first})") from e
+    tok = HFTokenizer(hf)
+    tok.name = name
+    return tok

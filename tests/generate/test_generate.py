@@ -116,3 +116,16 @@ def test_packed_inference_matches_training_form(model):
     assert any(type(m).__name__ == "PackedBitLinear" for m in inf.model.modules())
     prompt = list(b"The dog ")
     assert generate(inf.model, prompt, 12, temperature=0) == generate(model, prompt, 12, temperature=0)
+
+
+def test_a_model_with_nan_weights_stops_generation_with_a_clear_error():
+    from bitnet.generate.sampling import NonFiniteLogitsError
+
+    torch.manual_seed(0)
+    broken = bitnet.BitNetTransformer(256, 32, 1, heads=4, max_seq_len=32).eval()
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"generating token 1 \(position 3\).*NaN logits"):
+        generate(broken, [1, 2, 3], 5, temperature=1.0, seed=0)   # was: RuntimeError 'probability tensor ...'
+    with pytest.raises(ValueError, match="seed"):
+        generate(broken, [1, 2, 3], 5, seed=2 ** 64)

@@ -45,3 +45,28 @@ def test_greedy_seeded_and_argument_errors():
                          ({"repetition_penalty": 0}, "repetition_penalty")]:
         with pytest.raises(ValueError, match=name):
             sample_next_token(logits, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_non_finite_logits_are_a_clear_error(bad, temperature):
+    from bitnet.generate.sampling import NonFiniteLogitsError
+
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = bad
+    with pytest.raises(NonFiniteLogitsError, match=r"(NaN|\+inf) logits \(batch rows \[1\]\)"):
+        sample_next_token(logits, temperature=temperature)     # greedy used to return the NaN's index
+    with pytest.raises(NonFiniteLogitsError, match="all -inf"):
+        sample_next_token(torch.full((1, 4), float("-inf")), temperature=temperature)
+    ok = torch.tensor([[0.0, float("-inf"), 1.0]])                # masked entries are fine
+    assert sample_next_token(ok, temperature=0).tolist() == [2]
+
+
+def test_seed_must_fit_a_torch_generator():
+    from bitnet.generate.sampling import check_seed
+
+    for seed in (None, 0, -2 ** 63, 2 ** 64 - 1):
+        check_seed(seed)
+    for seed in (2 ** 64, -2 ** 63 - 1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="seed"):
+            check_seed(seed)

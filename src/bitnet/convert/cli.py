@@ -19,15 +19,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import load_model, read_config, save_checkpoint, CONFIG_FILE
-    from ..tokenizer import ByteTokenizer, tokenizer_from_config
+    from ..io import load_model, read_tokenizer, save_checkpoint, CONFIG_FILE
+    from ..tokenizer import ByteTokenizer
     from .pack import pack, weight_bytes
 
     model = load_model(args.model)
     before = weight_bytes(model)
     pack(model)
     try:
-        tokenizer = tokenizer_from_config(read_config(args.model).get("tokenizer"))
+        tokenizer = read_tokenizer(args.model)
     except FileNotFoundError:
         tokenizer = ByteTokenizer()
     out = save_checkpoint(args.out, model, tokenizer=tokenizer, compact=args.compact)

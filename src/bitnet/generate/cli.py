@@ -28,7 +28,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .inference import BitNetInference
+    from .sampling import check_sampling_args, check_seed
 
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)   # before any output
+    check_seed(args.seed)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():

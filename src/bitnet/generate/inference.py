@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..io import read_config, resolve_device
-from ..tokenizer import ByteTokenizer, tokenizer_from_config
+from ..io import read_tokenizer, resolve_device
+from ..tokenizer import ByteTokenizer
 from .loop import stream_generate
 
 
@@ -76,7 +76,7 @@ class BitNetInference:
         model = load_model(path, device=self.device, **kwargs)
         if self.tokenizer is None:
             try:
-                self.tokenizer = tokenizer_from_config(read_config(path).get("tokenizer"))
+                self.tokenizer = read_tokenizer(path)
             except FileNotFoundError:
                 self.tokenizer = ByteTokenizer()
         self._set_model(model, self.pack if pack is None else pack)

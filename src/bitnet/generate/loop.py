@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..convert.pack import native_decode, torch_threads
-from .sampling import check_sampling_args, sample_next_token
+from .sampling import NonFiniteLogitsError, check_sampling_args, check_seed, sample_next_token
 
 FINISH_REASONS = ("length", "stop", "max_seq_len")
 """``length``: max_new_tokens reached; ``stop``: a stop token was sampled (not returned);
@@ -113,6 +113,7 @@ def stream_generate(
         raise ValueError(f"context_overflow must be one of {CONTEXT_OVERFLOW}, got {context_overflow!r}")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
+    check_seed(seed)
     device = model_device(model)
     max_seq_len = int(getattr(model, "max_seq_len"))
     prompt = _prompt_tensor(prompt_ids, getattr(model, "num_tokens", None), device)
@@ -156,8 +157,11 @@ def stream_generate(
             filled = state["filled"]                    # seq[start:start+filled] are in the caches
             logits = model(seq[None, start + filled:pos], caches=state["caches"], start_pos=filled, **last_only)
             state["filled"] = pos - start
-        tok = sample_next_token(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
-                                previous=seq[None, :pos], generator=generator)     # logits (1, vocab)
+        try:
+            tok = sample_next_token(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
+                                    previous=seq[None, :pos], generator=generator)     # logits (1, vocab)
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(f"generating token {pos - n_prompt + 1} (position {pos}): {e}") from None
         return int(tok)
 
     def run() -> Iterator[int]:

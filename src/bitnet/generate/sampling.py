@@ -10,6 +10,29 @@ from __future__ import annotations
 import torch
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's logits hold NaN or +inf (or are all -inf): no token can be sampled from them."""
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """NonFiniteLogitsError for a row of ``logits`` (batch, vocab) whose largest value is not finite: a NaN
+    or +inf anywhere (``amax`` propagates NaN), or every logit -inf. One reduction over the vocabulary."""
+    peak = logits.detach().amax(dim=-1)                                       # (B,)
+    bad = ~torch.isfinite(peak)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        kind = "NaN" if bool(torch.isnan(peak[bad]).any()) else ("+inf" if bool((peak[bad] > 0).any()) else "all -inf")
+        raise NonFiniteLogitsError(
+            f"the model produced {kind} logits (batch rows {rows[:8]}): its weights or activations are not finite; "
+            "check the checkpoint (bitnet.load_model refuses NaN weights) and the inputs")
+
+
+def check_seed(seed) -> None:
+    """ValueError unless ``seed`` is None or an integer ``torch.Generator.manual_seed`` takes: [-2**63, 2**64)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}"[:200])
+
+
 def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                         repetition_penalty: float = 1.0) -> None:
     """ValueError naming the argument and the allowed range for bad sampling settings."""
@@ -64,8 +87,11 @@ def sample_next_token(
     previous: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (batch,) from ``logits`` (batch, vocab); ``previous`` (batch, T) feeds the penalty."""
+    """Next token ids (batch,) from ``logits`` (batch, vocab); ``previous`` (batch, T) feeds the penalty.
+
+    Raises :class:`NonFiniteLogitsError` (a ValueError) when a row of ``logits`` is NaN / +inf / all -inf."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    check_logits(logits)
     logits = logits.float()
     if previous is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, previous.to(logits.device, torch.int64), repetition_penalty)

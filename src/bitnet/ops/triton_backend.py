@@ -189,11 +189,20 @@ def _act_quant_body(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    infs = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(x))                                # skips NaN: counted apart
+        nans += (x != x).to(tl.int32)
+        infs += (tl.abs(x) == float("inf")).to(tl.int32)
     a = tl.maximum(tl.max(amax, axis=0), eps)
     s = tl.math.div_rn(1.0, a) * QP                                       # torch: qp / a == a.reciprocal() * qp
+    # A non-finite row as torch computes it: s = qp / max|x| is NaN (a NaN in the row) or 0 (an inf), and
+    # every code is 0 (torch turns NaN into int8 0), so every output of the row is NaN.
+    has_nan = tl.sum(nans, axis=0) > 0
+    nonfinite = has_nan | (tl.sum(infs, axis=0) > 0)
+    s = tl.where(nonfinite, tl.where(has_nan, float("nan"), 0.0), s)
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK_K):
         kmask = k0 + offs < K
@@ -207,6 +216,7 @@ def _act_quant_body(
         else:
             r = libdevice.rint(v)                                         # cvt.rni: half to even
         r = tl.minimum(tl.maximum(r, -QP - 1.0), QP * 1.0)
+        r = tl.where(nonfinite, 0.0, r)
         tl.store(q_ptr + row * stride_qm + k0 + offs, r.to(tl.int8), mask=kmask)
 
 

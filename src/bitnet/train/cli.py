@@ -89,13 +89,14 @@ def config_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import CONFIG_FILE, PENDING_FILE
     from .trainer import TrainConfig, config_from_run, train
 
     given = config_kwargs(args)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out, the run folder to continue")
-        if not (Path(args.out) / "config.json").is_file():
+        if not any((Path(args.out) / name).is_file() for name in (CONFIG_FILE, PENDING_FILE)):
             raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
         cfg = config_from_run(args.out, **given, resume=True)
     else:

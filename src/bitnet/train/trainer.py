@@ -8,7 +8,11 @@ One run folder holds everything (see :mod:`bitnet.io` for the checkpoint files):
 
 ``resume=True`` continues a run from its folder: model, optimizer, step, RNG states (torch and the
 data sampler) are restored and the schedule goes on where it stopped, so a run split by
-``stop_at`` + resume ends with the same weights as an uninterrupted one (on the same device).
+``stop_at``, Ctrl-C or a kill + resume ends with the same weights and the same loss curve as an
+uninterrupted one (on the same device). Ctrl-C (SIGINT) lets the step in progress finish, saves a
+checkpoint at that step boundary and raises KeyboardInterrupt; a second Ctrl-C stops at once, without
+a checkpoint. A resume first completes an interrupted save (see :mod:`bitnet.io`), deletes the temporary
+files of killed saves and drops the log.csv rows written after the checkpoint, so every step has one row.
 
 Several processes (``torchrun --nproc_per_node=N -m bitnet train ...``; RANK / WORLD_SIZE set): the
 process group is initialised (gloo on CPU, nccl on CUDA, one GPU per LOCAL_RANK) and the model is wrapped
@@ -25,7 +29,6 @@ import contextlib
 import csv
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -37,14 +40,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, load_optimizer, load_state_into, read_config,
-                  read_state_dict, resolve_device, save_checkpoint)
+from ..io import (CONFIG_FILE, OPTIMIZER_FILE, PENDING_FILE, CheckpointError, inside,
+                  load_model, load_optimizer, read_config, recover_checkpoint, remove_stale_temps, resolve_device,
+                  save_checkpoint, verify_checkpoint)
 from ..models import BitNetTransformer
+from ..nn.feedforward import ACTIVATIONS
+from ..nn.layers import WEIGHTS_CHOICES
 from ..tokenizer import ByteTokenizer
 from .data import DEFAULT_PATTERNS, Corpus, get_batch, load_corpus
+from .resume import LOG_FIELDS, StopRequest, check_train_state, truncate_log
 from .schedule import TwoStageSchedule
 
-LOG_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "elapsed")
 
 
 @dataclass
@@ -103,6 +109,14 @@ class TrainConfig:
     plot: bool = True
 
     def validate(self) -> None:
+        """ValueError naming the field and what is allowed, for every setting of the wrong type or range."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def need(name, ok, allowed):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}"[:300])
+
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "dim", "depth", "heads", "eval_batches",
                      "log_every"):
             v = getattr(self, name)
@@ -114,12 +128,40 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {v!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be one of ('auto', 'bf16', 'off'), got {self.amp!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
-        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+        need("lr", lambda v: number(v) and v > 0, "a number > 0")
+        need("grad_clip", lambda v: v is None or (number(v) and v >= 0), "a number >= 0 (0 = off)")
+        if self.stop_at is not None and not (isinstance(self.stop_at, int) and 0 < self.stop_at <= self.steps):
             raise ValueError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at!r}")
+        need("data", lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and v
+                                                     and all(isinstance(f, str) for f in v)),
+             "a data spec (a string) or a list of text files")
+        need("out", lambda v: v is None or isinstance(v, str), "a folder name or null")
+        need("weights", lambda v: v in WEIGHTS_CHOICES, f"one of {WEIGHTS_CHOICES}")
+        need("activation", lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}")
+        need("bits", lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8, "an integer in 2..8")
+        need("kv_heads", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+             "null or a positive integer")
+        need("ff_mult", lambda v: number(v) and v > 0, "a number > 0")
+        need("dropout", lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)")
+        need("tie_embeddings", lambda v: isinstance(v, bool), "true or false")
+        need("betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(number(b) and 0 <= b < 1 for b in v),
+             "two numbers in [0, 1)")
+        for name in ("weight_decay", "min_lr_ratio", "stage2_lr_ratio"):
+            need(name, lambda v: number(v) and v >= 0, "a number >= 0")
+        need("stage_split", lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]")
+        need("warmup_steps", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+             "null or an integer >= 0")
+        need("val_fraction", lambda v: number(v) and 0 < v < 1, "a number in (0, 1)")
+        need("patterns", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+             "a list of file name patterns")
+        need("device", lambda v: isinstance(v, str), "a device name ('auto', 'cpu', 'cuda', ...)")
+        need("threads", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+             "null or an integer >= 1")
+        need("seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63,
+             "an integer in [0, 2**63)")
+        need("max_time", lambda v: v is None or (number(v) and v >= 0), "null or a number of seconds >= 0")
+        for name in ("fsdp", "resume", "progress", "plot"):
+            need(name, lambda v: isinstance(v, bool), "true or false")
 
     def model_kwargs(self, vocab_size: int) -> dict:
         return dict(num_tokens=vocab_size, dim=self.dim, depth=self.depth, heads=self.heads, ff_mult=self.ff_mult,
@@ -352,7 +394,7 @@ class _CSVLog:
 
 def _build(cfg: TrainConfig, run_dir: Path, device: torch.device, tokenizer) -> tuple:
     """Model, optimizer, start step, train state and restored RNG tensors (fresh or from ``run_dir``)."""
-    has_ckpt = (run_dir / CONFIG_FILE).is_file()
+    has_ckpt = (run_dir / CONFIG_FILE).is_file() or (run_dir / PENDING_FILE).is_file()
     if cfg.resume and not has_ckpt:
         raise FileNotFoundError(f"resume=True but {run_dir} has no checkpoint ({CONFIG_FILE})")
     if not cfg.resume and has_ckpt:
@@ -362,13 +404,30 @@ def _build(cfg: TrainConfig, run_dir: Path, device: torch.device, tokenizer) -> 
         model = BitNetTransformer(**cfg.model_kwargs(tokenizer.vocab_size)).to(device)
         return model, make_optimizer(model, cfg), 0, {}, None
     saved = read_config(run_dir)
-    model = BitNetTransformer(**saved["model_config"])
-    tensors, meta = read_state_dict(run_dir / saved["files"]["model"])
-    load_state_into(model, tensors, json.loads(meta.get("bitnet.aliases", "{}")), run_dir / MODEL_FILE)
-    model.to(device)
+    cfg_file = run_dir / CONFIG_FILE
+    if (saved.get("model_config") or {}).get("packed"):
+        raise CheckpointError(f"{cfg_file}: model_config.packed is true: a packed model cannot be trained further")
+    verify_checkpoint(run_dir, saved, roles=("model", "optimizer") if saved.get("checkpoint") else ("model",))
+    state = check_train_state(saved.get("train_state"), cfg_file)
+    model = load_model(run_dir, device=device)
     optimizer = make_optimizer(model, cfg)
-    rng = load_optimizer(optimizer, run_dir / OPTIMIZER_FILE)
-    return model, optimizer, int(saved["train_state"]["step"]), saved["train_state"], rng
+    opt_name = (saved.get("files") or {}).get("optimizer", OPTIMIZER_FILE)
+    opt_file = inside(run_dir, opt_name, cfg_file, "files.optimizer")
+    if not opt_file.is_file():
+        raise FileNotFoundError(f"resume=True but {run_dir} has no optimizer state ({opt_name}): it was not "
+                                "saved by bitnet train")
+    rng = load_optimizer(optimizer, opt_file)
+    if "data" not in rng or "torch" not in rng:
+        raise CheckpointError(f"{opt_file} holds no RNG states (rng.data, rng.torch): it was not saved by bitnet train")
+    return model, optimizer, state["step"], state, rng
+
+
+def _check_data_fits(corpus: Corpus, cfg: TrainConfig) -> None:
+    for split, data in (("training", corpus.train), ("validation", corpus.val)):
+        if len(data) < cfg.seq_len + 1:
+            raise ValueError(f"data {corpus.name!r}: its {split} split has {len(data)} bytes, fewer than "
+                             f"seq_len + 1 = {cfg.seq_len + 1}; use more data, a shorter --seq-len or another "
+                             "--val-fraction")
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> dict:
@@ -399,12 +458,21 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
     run_dir = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if dist_ctx is not None:
         run_dir = Path(dist_ctx.broadcast(str(run_dir)))     # one folder for all ranks (default: a timestamp)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"out={str(run_dir)!r} is a file, not a run folder")
     torch.manual_seed(cfg.seed)
     tokenizer = ByteTokenizer()
     corpus: Corpus = load_corpus(cfg.data, cfg.val_fraction, cfg.patterns)
+    _check_data_fits(corpus, cfg)
+    if main and cfg.resume and run_dir.is_dir():
+        recover_checkpoint(run_dir)                          # an interrupted save, completed before reading
+    if dist_ctx is not None:
+        dist_ctx.barrier()
     model, optimizer, start, state, rng = _build(cfg, run_dir, device, tokenizer)
+    if main:                                                 # everything checked: now the folder may be made
+        run_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(run_dir)
+        truncate_log(run_dir / "log.csv", start if start > 0 else -1)
     params = sum(p.numel() for p in model.parameters())
     data_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)     # each rank its own windows
     if rng is not None:
@@ -451,25 +519,23 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
     def elapsed() -> float:
         return elapsed0 + time.time() - t_start
 
-    def checkpoint(step: int, collective: bool = True) -> None:
+    def checkpoint(step: int) -> None:
         """Rank 0 writes; distributed, every rank must call it (RNG states gathered, FSDP unsharded)."""
         train_state = dict(step=step, tokens_seen=tokens_seen, elapsed=elapsed(), val_loss=val_loss,
                            val_bpb=None if val_loss is None else val_loss / math.log(2),
                            initial_val_loss=initial_val, data=corpus.name, world_size=world)
         rng_states = _rng_states(data_gen, device)
         save_model, save_opt = model, optimizer
-        if dist_ctx is not None and collective:
+        if dist_ctx is not None:
             for r, states in enumerate(dist_ctx.gather({k: v.cpu() for k, v in rng_states.items()})):
                 if r:
                     rng_states.update({f"{k}.rank{r}": v for k, v in states.items()})
             if cfg.fsdp:
                 save_model, save_opt = _fsdp_full_copy(wrapped, optimizer, cfg, rank)
-        elif dist_ctx is not None and cfg.fsdp:
-            return                                           # no collectives possible: nothing to save
         if main:
             save_checkpoint(run_dir, save_model, save_opt, train_state=train_state, train_config=cfg.to_dict(),
                             tokenizer=tokenizer, rng_states=rng_states)
-        if dist_ctx is not None and collective:
+        if dist_ctx is not None:
             dist_ctx.barrier()
 
     from tqdm.auto import tqdm
@@ -483,6 +549,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
     mode = "" if dist_ctx is None else f", {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})"
     say(f"bitnet train: {corpus!r}, {params / 1e6:.2f}M params, device {device}{mode}, "
               f"{'bf16 autocast' if use_amp else 'fp32'}, run folder {run_dir}")
+    if main and removed:
+        say(f"removed {len(removed)} temporary file(s) of interrupted saves from {run_dir}")
     if start == 0:
         val_loss = initial_val = val()
         if main:
@@ -493,74 +561,78 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
         wrapped.train()
     running, n_running, step, stopped = 0.0, 0, start, "steps"
     train_loss = float("nan")
+    stop = StopRequest(say)                                 # Ctrl-C: stop at the next step boundary
     try:
-        for step in range(start, end):
-            t0 = time.time()
-            lr = sched.lr(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.param_groups[0]["weight_decay"] = sched.wd(step)
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
-                sync = micro == cfg.grad_accum - 1                  # all-reduce gradients once per step
-                no_sync = contextlib.nullcontext()
-                if wrapped is not None and cfg.fsdp:
-                    wrapped.set_requires_gradient_sync(sync)
-                elif wrapped is not None and not sync:
-                    no_sync = wrapped.no_sync()
-                with no_sync:
-                    with autocast():
-                        loss = engine(x, y)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-            if dist_ctx is not None:
-                loss_sum = dist_ctx.sum(loss_sum) / world                 # the mean over the ranks
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_((wrapped or model).parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time += time.time() - t0
-            train_tokens += tokens_per_step
-            tokens_seen += tokens_per_step
-            train_loss = loss_sum / cfg.grad_accum
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}; lower lr")
-            running, n_running = running + train_loss, n_running + 1
-            tps = train_tokens / max(train_time, 1e-9)
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            out_of_time = cfg.max_time is not None and train_time >= cfg.max_time and done < end
-            if dist_ctx is not None and cfg.max_time is not None:
-                out_of_time = dist_ctx.any(out_of_time)                  # all ranks stop together
-            last = done == end or out_of_time                   # evaluate and log the last step of every call
-            is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or last)
-            row_val = None
-            if is_eval:
-                val_loss = row_val = val()
-                say(f"step {done}: train loss {running / n_running:.4f}, val loss {val_loss:.4f}, "
-                          f"{val_loss / math.log(2):.3f} bpb, {tps:,.0f} tok/s, lr {lr:.2e}")
-            if main and (is_eval or done % cfg.log_every == 0 or last):
-                log.write(step=done, lr=f"{lr:.6g}", train_loss=f"{running / n_running:.4f}",
-                          val_loss=None if row_val is None else f"{row_val:.4f}",
-                          val_bpb=None if row_val is None else f"{row_val / math.log(2):.4f}",
-                          tokens_per_s=f"{tps:.1f}", elapsed=f"{elapsed():.1f}")
-                running, n_running = 0.0, 0
-            if cfg.save_every and done % cfg.save_every == 0 and done != end:
-                checkpoint(done)
-            if out_of_time:
-                stopped = "max_time"
-                step += 1
-                break
-        else:
-            step = end
-            stopped = "steps" if end == cfg.steps else "stop_at"
-    except KeyboardInterrupt:
-        say(f"interrupted: saving a checkpoint at step {step} in {run_dir}")
-        checkpoint(step, collective=False)                 # other ranks may be gone: rank 0 saves alone
+        with stop:
+            for step in range(start, end):
+                if stop.requested if dist_ctx is None else dist_ctx.any(stop.requested):
+                    stopped = "interrupted"                 # at a step boundary: the checkpoint is exact
+                    break
+                t0 = time.time()
+                lr = sched.lr(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.param_groups[0]["weight_decay"] = sched.wd(step)
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, data_gen, device)
+                    sync = micro == cfg.grad_accum - 1                  # all-reduce gradients once per step
+                    no_sync = contextlib.nullcontext()
+                    if wrapped is not None and cfg.fsdp:
+                        wrapped.set_requires_gradient_sync(sync)
+                    elif wrapped is not None and not sync:
+                        no_sync = wrapped.no_sync()
+                    with no_sync:
+                        with autocast():
+                            loss = engine(x, y)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                if dist_ctx is not None:
+                    loss_sum = dist_ctx.sum(loss_sum) / world                 # the mean over the ranks
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_((wrapped or model).parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_time += time.time() - t0
+                train_tokens += tokens_per_step
+                tokens_seen += tokens_per_step
+                train_loss = loss_sum / cfg.grad_accum
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}; lower lr")
+                running, n_running = running + train_loss, n_running + 1
+                tps = train_tokens / max(train_time, 1e-9)
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                out_of_time = cfg.max_time is not None and train_time >= cfg.max_time and done < end
+                if dist_ctx is not None and cfg.max_time is not None:
+                    out_of_time = dist_ctx.any(out_of_time)                  # all ranks stop together
+                last = done == end or out_of_time                   # evaluate and log the last step of every call
+                is_eval = cfg.eval_every and (done % cfg.eval_every == 0 or last)
+                row_val = None
+                if is_eval:
+                    val_loss = row_val = val()
+                    say(f"step {done}: train loss {running / n_running:.4f}, val loss {val_loss:.4f}, "
+                              f"{val_loss / math.log(2):.3f} bpb, {tps:,.0f} tok/s, lr {lr:.2e}")
+                if main and (is_eval or done % cfg.log_every == 0 or last):
+                    log.write(step=done, lr=f"{lr:.6g}", train_loss=f"{running / n_running:.4f}",
+                              val_loss=None if row_val is None else f"{row_val:.4f}",
+                              val_bpb=None if row_val is None else f"{row_val / math.log(2):.4f}",
+                              tokens_per_s=f"{tps:.1f}", elapsed=f"{elapsed():.1f}")
+                    running, n_running = 0.0, 0
+                if cfg.save_every and done % cfg.save_every == 0 and done != end:
+                    checkpoint(done)
+                if out_of_time:
+                    stopped = "max_time"
+                    step += 1
+                    break
+            else:
+                step = end
+                stopped = "steps" if end == cfg.steps else "stop_at"
+    except KeyboardInterrupt:                                # a second Ctrl-C: no step boundary to save at
+        say(f"stopped at once: nothing saved by this call (the last checkpoint in {run_dir} stays)")
         if log is not None:
             log.close()
         bar.close()
@@ -568,6 +640,11 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
     bar.close()
     if step > start or start == 0:
         checkpoint(step)
+    if stopped == "interrupted":
+        say(f"interrupted: saved a checkpoint at step {step} in {run_dir}; continue it with --resume")
+        if log is not None:
+            log.close()
+        raise KeyboardInterrupt
     plot = None
     if main:
         log.close()
@@ -582,13 +659,21 @@ def _train(cfg: TrainConfig, device: torch.device, dist_ctx: _Dist | None) -> di
 
 
 def config_from_run(run_dir, **overrides: Any) -> TrainConfig:
-    """The TrainConfig stored in a run folder's config.json, with ``overrides`` applied (for resuming)."""
-    saved = read_config(run_dir).get("train_config") or {}
+    """The TrainConfig stored in a run folder's config.json, with ``overrides`` applied (for resuming).
+
+    The stored settings are validated on their own first, so that an error names the file and the field."""
+    cfg_file = Path(run_dir) / CONFIG_FILE
+    saved = read_config(run_dir).get("train_config", {})     # read_config checks that it is an object
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     once = ("stop_at", "max_time", "resume")                 # per-invocation settings are not inherited
     kwargs = {k: v for k, v in saved.items() if k in known and k not in once}
     for k in ("betas", "patterns"):
         if isinstance(kwargs.get(k), list):
             kwargs[k] = tuple(kwargs[k])
+    try:
+        TrainConfig(**kwargs).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: train_config.{e}" if str(e).split(" ")[0] in known
+                              else f"{cfg_file}: train_config: {e}") from e
     kwargs.update(overrides)
     return TrainConfig(**kwargs)

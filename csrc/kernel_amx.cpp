@@ -43,16 +43,33 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-void load_tile_config() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
+// Our tile configuration for the duration of one kernel call, and the thread's previous one back at
+// the end. Other AMX users on the same thread (oneDNN, under torch's bf16 matmuls) configure the tiles
+// once and keep running with that configuration: releasing the tiles, or leaving ours loaded, under
+// them corrupted memory (their tile stores of other shapes; seen as segfaults in the test suite).
+class TileScope {
+ public:
+  TileScope() {
+    _tile_storeconfig(&saved_);
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = 16;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
   }
-  _tile_loadconfig(&cfg);
-}
+  ~TileScope() {
+    if (saved_.palette_id != 0) _tile_loadconfig(&saved_);  // theirs back (tile data is not kept)
+    else _tile_release();                                    // none before: back to the initial state
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  TileConfig saved_;
+};
 
 // 16x16 int32 transpose: r[i] holds row i on entry, column i on exit.
 inline void transpose16(__m512i r[16]) {
@@ -230,13 +247,12 @@ void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int6
                int64_t n0, int64_t n1) {
   alignas(64) uint8_t codes[2048 * 4 * kPairsPerChunk];
   alignas(64) int32_t c[1024 * (kPanelMaxM / 32)];
-  load_tile_config();
+  TileScope tiles;
   for (int64_t n = n0; n < n1; n += 32) {
     const int64_t n_end = std::min(n1, n + 32);
     if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c);
     else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c);
   }
-  _tile_release();
 }
 
 // TDPBUSD into 4 independent accumulator tiles from 2 + 2 operand tiles that stay loaded:
@@ -244,20 +260,21 @@ void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int6
 int64_t peak_amx(int64_t iters) {
   alignas(64) static const uint8_t ones[1024] = {};
   alignas(64) int32_t c[256];
-  load_tile_config();
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_loadd(6, ones, 64);
-  _tile_loadd(7, ones, 64);
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t i = 0; i < iters; ++i) {
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(1, 4, 7);
-    _tile_dpbusd(2, 5, 6);
-    _tile_dpbusd(3, 5, 7);
+  {
+    TileScope tiles;
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64);
+    _tile_loadd(7, ones, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t i = 0; i < iters; ++i) {
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, c, 64);
   }
-  _tile_stored(0, c, 64);
-  _tile_release();
   volatile int32_t sink = c[0];
   (void)sink;
   return iters * 4 * 16 * 16 * 64;

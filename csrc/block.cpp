@@ -50,6 +50,12 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
   const int64_t M = B * T, D = b.dim, F = b.hidden;
   const int64_t kvd = b.kv_heads * b.head_dim;
   if (M == 0) return BITNET_OK;
+  // The prefetches below run on the pool's workers until the next call that uses the pool, which a small
+  // matmul (run inline) is not: stop them before returning, or a worker could still be reading these
+  // weights after the caller freed them (a segfault in a native thread, 3 in 10 test runs).
+  struct StopPrefetchOnReturn {
+    ~StopPrefetchOnReturn() { bitnet_prefetch_wait(); }
+  } stop_prefetch;
   thread_local Scratch s;
   s.qkv.resize((size_t)(M * (D + 2 * kvd)));
   s.attn.resize((size_t)(M * D));

@@ -170,11 +170,11 @@ class BitNetTransformer(nn.Module):
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.num_tokens):
-            raise ValueError(
-                f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
+        if tokens.numel():
+            lo, hi = (int(v) for v in tokens.aminmax())                    # one op (a decode step checks it)
+            if lo < 0 or hi >= self.num_tokens:
+                raise ValueError(f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
+                                 f"got min {lo}, max {hi}")
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                 start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0) -> torch.Tensor:

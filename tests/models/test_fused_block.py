@@ -32,7 +32,7 @@ from torch import nn
 import bitnet
 import bitnet.ops as ops
 from bitnet.models import BitNetTransformer, fused_enabled, fused_path, native_block_calls, set_fused
-from bitnet.models.fused_block import FusedBlock, _parse_switch, fused_runner, unsupported
+from bitnet.models.fused_block import UNCACHED_MAX_TOKENS, FusedBlock, _parse_switch, fused_runner, unsupported
 from bitnet.nn import KVCache
 from bitnet.nn.feedforward import ACTIVATIONS
 from bitnet.ops import cpu as native
@@ -208,7 +208,8 @@ def test_env_var_forces_the_module_path():
     code = ("import torch, bitnet\n"
             "from bitnet.models import BitNetTransformer, fused_enabled, native_block_calls\n"
             "torch.manual_seed(0)\n"
-            "m = bitnet.pack(BitNetTransformer(num_tokens=97, dim=128, depth=2, heads=8, kv_heads=2, max_seq_len=96).eval())\n"
+            "m = BitNetTransformer(num_tokens=97, dim=128, depth=2, heads=8, kv_heads=2, max_seq_len=96)\n"
+            "m = bitnet.pack(m.eval())\n"
             "caches = m.new_caches(1, 8)\n"
             "with torch.no_grad(): m(torch.arange(5).view(1, 5), caches=caches, start_pos=0)\n"
             "print(fused_enabled(), native_block_calls())\n")
@@ -450,3 +451,18 @@ def test_other_caches_and_positions_take_the_module_path():
         with fused_path(False):
             ref = run()
     assert torch.equal(got, ref)
+
+
+def test_long_uncached_calls_take_the_module_path():
+    """Past UNCACHED_MAX_TOKENS tokens without a cache, torch's blocked attention beats the native loop:
+    the modules run (one token fewer: natively)."""
+    m = packed_model(max_seq_len=UNCACHED_MAX_TOKENS + 1)
+    tokens = torch.randint(0, VOCAB, (1, UNCACHED_MAX_TOKENS + 1))
+    with torch.no_grad():
+        before = native_block_calls()
+        got = m(tokens)
+        assert native_block_calls() == before
+        with fused_path(False):
+            assert torch.equal(got, m(tokens))
+        m(tokens[:, 1:])
+        assert native_block_calls() == before + 2

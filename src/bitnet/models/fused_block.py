@@ -18,10 +18,11 @@ block is in eval mode, its input is a float32 CPU tensor that needs no gradient,
 and torch function/dispatch modes, with the native CPU backend selected; the block is one the native
 code can express (:func:`unsupported` is None: packed projections without their own norm, RMSNorm
 norms, an activation of :data:`bitnet.ops.cpu.BLOCK_ACTIVATIONS`, float32 rotary tables; a packed block
-that is not says so in a one-time warning, and ``block.native_reason`` says why); its KV cache is float32
-and contiguous, or there is none and the call starts at position 0 (a scratch cache is used for the
-call); start positions are an int, or an int64 tensor of per-row positions for one-token steps; and
-no forward hook is registered on the blocks (hooks on sub-modules of a block do not run on this path).
+that is not says so in a one-time warning, and ``block.native_reason`` says why); its KV cache is
+float32 and contiguous, or there is none, the call starts at position 0 and has at most
+:data:`UNCACHED_MAX_TOKENS` tokens per row (a scratch cache is used for the call); start positions are
+an int, or an int64 tensor of per-row positions for one-token steps; and no forward hook is registered
+on the blocks (hooks on sub-modules of a block do not run on this path).
 
 **How close to the module path.** The integer matmuls are exact and the RMSNorms agree bit for bit
 (both sum squares in float64), so every int8 activation code is the same unless a float op before it
@@ -61,6 +62,12 @@ def _parse_switch(value: str) -> bool:
     raise ValueError(f"{ENV_VAR} must be 0 (module path everywhere) or 1 (fused native blocks, the default), "
                      f"got {value!r}")
 
+
+UNCACHED_MAX_TOKENS = 256
+"""Longest uncached call (tokens per row) run natively. The native attention is a plain loop per query:
+past ~256 tokens torch's blocked attention on the module path is faster (measured with 1 thread: 0.86x
+at 256 tokens on dim 256, 1.04x on dim 1024, then 1.06-1.17x at 512-2048), while below it the single
+native call wins (3-5x at 1-32 tokens on dim 256)."""
 
 _enabled = _parse_switch(os.environ.get(ENV_VAR, ""))
 _native_calls = 0
@@ -283,7 +290,8 @@ def _run(blocks, x: torch.Tensor, caches, start_pos, check_hooks: bool) -> Optio
     runners = [first if i == 0 else FusedBlock.for_block(block) for i, block in enumerate(blocks)]
     if caches is None:
         # no cache: attention over the call's own tokens, from position 0, through a scratch cache
-        if not isinstance(positions, int) or positions != 0 or any(r is None for r in runners):
+        if (not isinstance(positions, int) or positions != 0 or t > UNCACHED_MAX_TOKENS
+                or any(r is None for r in runners)):
             return None
         scratch = {}
         caches = [scratch.setdefault((r.kv_heads, r.head_dim), KVCache(b, r.kv_heads, t, r.head_dim, _storage=(

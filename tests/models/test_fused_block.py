@@ -237,7 +237,7 @@ def test_norms_and_int8_codes_equal_bit_for_bit():
         with torch.no_grad():
             h = block.attn_norm(x)
             want = torch.cat([block.attn.q_proj(h), block.attn.k_proj(h), block.attn.v_proj(h)], -1)
-        got = runner.native._keep[0]["qkv"](x, block.attn_norm.weight.detach(), block.attn_norm.eps)
+        got = runner.groups["qkv"](x, block.attn_norm.weight.detach(), block.attn_norm.eps)
         assert torch.equal(got, want)
 
 

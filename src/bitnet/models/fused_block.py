@@ -138,6 +138,8 @@ def unsupported(spec) -> Optional[str]:
             return f"{name} normalises its own input (linear_norm=True); the native block has block norms only"
         if m.w_packed.device.type != "cpu" or not m.w_packed.is_contiguous():
             return f"{name}.w_packed is not a contiguous CPU tensor"
+        if not _f32(m.w_scale) or (m.bias is not None and not _f32(m.bias)):
+            return f"{name}'s scale or bias is not a contiguous float32 CPU tensor"
     if len({m.bits for m in layers.values()}) != 1:
         return "the projections quantise their inputs to different bits"
     for name, n in _norms(spec).items():
@@ -145,15 +147,22 @@ def unsupported(spec) -> Optional[str]:
             return f"the block has no {name}"
         if n is not None and type(n) is not RMSNorm:
             return f"{name} is {type(n).__name__}, not RMSNorm"
+        if n is not None and n.weight is not None and not _f32(n.weight):
+            return f"{name}.weight is not a contiguous float32 CPU tensor"
     if spec.ffn.activation not in cpu.BLOCK_ACTIVATIONS:
         return (f"activation {spec.ffn.activation!r} has no native code (native: "
                 f"{', '.join(cpu.BLOCK_ACTIVATIONS)})")
     rot = spec.attn.rotary
     if rot is None:
         return "the attention has no rotary embedding (the native attention always rotates)"
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in (rot.cos, rot.sin)):
+    if not (_f32(rot.cos) and _f32(rot.sin)):
         return "the rotary tables are not contiguous float32 CPU tensors"
     return None
+
+
+def _f32(t: torch.Tensor) -> bool:
+    """The native code reads t's storage in place: float32, contiguous, on the CPU."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
 
 
 def _slot(module: torch.nn.Module, name: str) -> dict:
@@ -167,8 +176,10 @@ def _slot(module: torch.nn.Module, name: str) -> dict:
 
 class FusedBlock:
     """The native form of one block, built from its spec: :attr:`native` (a
-    :class:`bitnet.ops.cpu.NativeBlock`) and the tensors and sub-modules it was built from, watched so
-    that a reload, ``.to()`` or replaced sub-module rebuilds it. Get it with :meth:`for_block`."""
+    :class:`bitnet.ops.cpu.NativeBlock` over the projection groups :attr:`groups`) and the tensors and
+    sub-modules it was built from, watched so that a reload, ``.to()`` or replaced sub-module rebuilds
+    it (plain attributes such as ``ffn.activation`` are read once, when it is built). Get it with
+    :meth:`for_block`."""
 
     def __init__(self, block, spec):
         layers = _projections(spec)
@@ -186,6 +197,7 @@ class FusedBlock:
                                                        torch.ones(n.dim), float(n.eps))
                  for name, n in _norms(spec).items()}
         a, rot = spec.attn, spec.attn.rotary
+        self.groups = groups                                # the native projections (cpu.BitLinearGroup)
         self.native = cpu.NativeBlock(groups, norms, a.heads, a.kv_heads, a.head_dim, spec.ffn.activation,
                                       rot.cos, rot.sin)
         self.kv_heads, self.head_dim, self.table_len = a.kv_heads, a.head_dim, rot.cos.shape[0]

@@ -117,7 +117,7 @@ typedef struct {
 typedef struct {
   int64_t dim, hidden, heads, kv_heads, head_dim;
   int32_t bits;                   /* activation bits of every projection */
-  int32_t activation;             /* 0 silu, 1 gelu (erf), 2 relu^2 */
+  int32_t activation;             /* a code of bitnet_block_activation (0 silu, 1 gelu (erf), 2 relu^2) */
   int32_t gated;                  /* 1: gate_up holds gate then up */
   float act_eps;                  /* activation-scale clamp of the quantiser */
   const float* attn_norm; float attn_norm_eps;
@@ -128,6 +128,9 @@ typedef struct {
   const float* cos_table; const float* sin_table; int64_t table_len;
 } bitnet_block;
 
+/* Name of gate activation `code` of bitnet_block ("silu", "gelu", "relu2"), NULL past the last one:
+ * the table of codes, read back by the Python side at load. */
+BITNET_API const char* bitnet_block_activation(int code);
 /* Runs `blk` on x (B*T, dim) float32 in place: B rows of T tokens, token t of row b at position
  * pos[b] + t, appending to k_cache/v_cache (B, kv_heads, max_len, head_dim). */
 BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, float* k_cache,

@@ -26,11 +26,18 @@ void prefetch(const bitnet_linear_set& s) {
   bitnet_prefetch_async(s.n, p, len);
 }
 
-// act(g) in float32 as torch computes it: silu = x * sigmoid(x), gelu = x/2 * (1 + erf(x / sqrt 2)), relu^2.
+// The gate activations, by code: the one table of them. Python reads the names back at load
+// (bitnet_block_activation), so bitnet.ops.cpu.BLOCK_ACTIVATIONS is this table, not a copy of it.
+enum Activation { kSilu = 0, kGelu = 1, kRelu2 = 2, kActivationCount };
+const char* const kActivationNames[kActivationCount] = {"silu", "gelu", "relu2"};
+
+// act(g) in float32 in the operation order of torch's CPU kernels (F.silu: x / (1 + exp(-x));
+// F.gelu: x * 0.5 * (1 + erf(x / sqrt 2)); relu2: relu(x)^2). exp and erf come from libm here and
+// from torch's vectorised approximations there: they differ in the last bit for some inputs.
 inline float activate(int kind, float v) {
   switch (kind) {
-    case 0: return v * (1.0f / (1.0f + std::exp(-v)));
-    case 1: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case kSilu: return v / (1.0f + std::exp(-v));
+    case kGelu: return v * 0.5f * (1.0f + std::erf(v * 0.70710678118654752f));
     default: { const float r = v > 0.0f ? v : 0.0f; return r * r; }
   }
 }
@@ -41,11 +48,15 @@ struct Scratch {
 
 }  // namespace
 
+extern "C" const char* bitnet_block_activation(int code) {
+  return code >= 0 && code < kActivationCount ? kActivationNames[code] : nullptr;
+}
+
 extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, float* k_cache,
                                     float* v_cache, int64_t max_len, const int64_t* pos, int isa) {
   const bitnet_block& b = *blk;
   if (B < 0 || T < 0 || !b.attn_norm || !b.ffn_norm || b.qkv.n != 3 || b.o.n != 1 || b.down.n != 1 ||
-      b.gate_up.n != (b.gated ? 2 : 1) || b.activation < 0 || b.activation > 2)
+      b.gate_up.n != (b.gated ? 2 : 1) || b.activation < 0 || b.activation >= kActivationCount)
     return BITNET_EINVAL;
   const int64_t M = B * T, D = b.dim, F = b.hidden;
   const int64_t kvd = b.kv_heads * b.head_dim;

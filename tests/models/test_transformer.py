@@ -47,7 +47,7 @@ def test_a_few_steps_lower_the_loss(weights):
     data = torch.arange(33).remainder(40).repeat(4, 1)           # a fixed, learnable sequence
     x, y = data[:, :-1], data[:, 1:]
     first = model.loss(x, y).item()
-    for _ in range(30):
+    for _ in range(45):                       # 30 left the binary model at 0.49-0.54 of `first`: on the edge
         opt.zero_grad()
         model.loss(x, y).backward()
         opt.step()

@@ -1,5 +1,7 @@
 """Whole models."""
 
-from .transformer import BitNetTransformer, TransformerBlock
+from .fused_block import fused_enabled, fused_path, native_block_calls, set_fused
+from .transformer import BitNetTransformer, BlockSpec, TransformerBlock
 
-__all__ = ["BitNetTransformer", "TransformerBlock"]
+__all__ = ["BitNetTransformer", "BlockSpec", "TransformerBlock", "fused_enabled", "fused_path", "native_block_calls",
+           "set_fused"]

@@ -9,20 +9,42 @@ BitLinear (or nn.Linear for ``weights="fp"``, the baseline of the same shape).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import BitMGQA, KVCache
-from ..nn.feedforward import BitFeedForward
+from ..nn.attention import AttentionSpec, BitMGQA, KVCache
+from ..nn.feedforward import BitFeedForward, FeedForwardSpec
 from ..nn.layers import check_weights
 from ..nn.norm import RMSNorm
 from ..quant import check_bits
-from .fused_block import run_native_stack, use_fused
+from . import fused_block
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What :meth:`TransformerBlock.forward` computes, as data: the fused native block is built from
+    this (:mod:`bitnet.models.fused_block`), never from a second copy of the block's code::
+
+        x = x + attn(attn_norm(x))          attn: see AttentionSpec (causal self-attention)
+        x = x + ffn(ffn_norm(x))            ffn: see FeedForwardSpec
+    """
+
+    attn_norm: nn.Module
+    attn: AttentionSpec
+    ffn_norm: nn.Module
+    ffn: FeedForwardSpec
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``.
+
+    On the native CPU backend a packed block in eval mode runs as one native call (see
+    :mod:`bitnet.models.fused_block`; ``BITNET_FUSED=0`` or :func:`bitnet.models.set_fused` turn that
+    off); :attr:`native_reason` says why a block does not.
+    """
 
     def __init__(self, dim, heads, kv_heads, ff_mult, max_seq_len, weights, bits, dropout, activation,
                  rope_base, norm_eps):
@@ -35,10 +57,21 @@ class TransformerBlock(nn.Module):
         self.ffn = BitFeedForward(dim, dim, ff_mult, post_act_ln=True, dropout=dropout, glu=True,
                                   activation=activation, weights=weights, bits=bits, linear_norm=False)
 
+    def spec(self) -> BlockSpec:
+        """:meth:`forward` as data (eval mode), for the fused native block."""
+        return BlockSpec(attn_norm=self.attn_norm, attn=self.attn.spec(), ffn_norm=self.ffn_norm, ffn=self.ffn.spec())
+
+    @property
+    def native_reason(self) -> str | None:
+        """None when this block can run as one native call, else why not (e.g. its projections are not
+        packed, or its activation has no native code). Whether a given call takes that path also depends
+        on the call (see :func:`bitnet.models.fused_block.run_native_stack`)."""
+        return fused_block.unsupported(self.spec())
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
-        fused = use_fused(self, x)
-        if fused is not None:                    # packed projections on the native CPU backend
-            return fused(self, x, cache, start_pos)
+        y = fused_block.run_native_block(self, x, cache, start_pos)       # one native call, when it may
+        if y is not None:
+            return y
         h = self.attn_norm(x)
         x = x + self.attn(h, h, h, is_causal=True, cache=cache, start_pos=start_pos)[0]
         return x + self.ffn(self.ffn_norm(x))
@@ -137,11 +170,11 @@ class BitNetTransformer(nn.Module):
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.num_tokens):
-            raise ValueError(
-                f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
+        if tokens.numel():
+            lo, hi = (int(v) for v in tokens.aminmax())                    # one op (a decode step checks it)
+            if lo < 0 or hi >= self.num_tokens:
+                raise ValueError(f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
+                                 f"got min {lo}, max {hi}")
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                 start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0) -> torch.Tensor:
@@ -153,7 +186,7 @@ class BitNetTransformer(nn.Module):
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
-        stacked = run_native_stack(self.layers, x, caches, start_pos)       # packed, CPU, cached: all blocks
+        stacked = fused_block.run_native_stack(self.layers, x, caches, start_pos)   # packed, CPU: all blocks
         if stacked is not None:
             x = stacked
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,27 @@ class KVCache(nn.Module):
             self.v[:, :, start_pos:end] = v.to(self.v.dtype)
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What :meth:`BitMGQA.forward` computes, as data (the fused native block is built from it)::
+
+        out = o(sub_norm(softmax(rotary(q(x)) rotary(k(x))^T / sqrt(head_dim), causal) v(x)))
+
+    ``heads`` query heads share ``kv_heads`` K/V heads of ``head_dim`` each; ``sub_norm`` and ``rotary``
+    (cos/sin tables, base) may be None. The projections are the modules themselves.
+    """
+
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    sub_norm: Optional[nn.Module]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary: Optional[RotaryEmbedding]
 
 
 class BitMGQA(nn.Module):
@@ -165,6 +188,12 @@ class BitMGQA(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return out.transpose(1, 2).reshape(b, tq, self.embed_dim), weights      # (B, Tq, D)
+
+    def spec(self) -> AttentionSpec:
+        """:meth:`forward` as data (self-attention, ``key = value = query``), for the fused native block."""
+        return AttentionSpec(q=self.q_proj, k=self.k_proj, v=self.v_proj, o=self.out_proj, sub_norm=self.sub_norm,
+                             heads=self.query_heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                             rotary=self.rotary)
 
     def forward(
         self,

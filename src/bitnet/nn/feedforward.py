@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +24,23 @@ def activation_fn(name: str):
     if name == "relu2":
         return lambda x: F.relu(x).square()
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+@dataclass(frozen=True)
+class FeedForwardSpec:
+    """What :meth:`BitFeedForward.forward` computes in eval mode, as data (the fused native block is
+    built from it)::
+
+        y = down(post_norm(act(gate(x)) * up(x)))     (act(up(x)) when ``gate`` is None)
+
+    ``activation`` is a name of :data:`ACTIVATIONS`; ``post_norm`` may be None.
+    """
+
+    gate: Optional[nn.Module]
+    up: nn.Module
+    post_norm: Optional[nn.Module]
+    down: nn.Module
+    activation: str
 
 
 class BitFeedForward(nn.Module):
@@ -68,6 +88,11 @@ class BitFeedForward(nn.Module):
         self.post_norm = RMSNorm(hidden) if post_act_ln else None
         self.dropout = nn.Dropout(dropout)
         self.down = make_linear(hidden, dim_out, weights, bits, norm=linear_norm)
+
+    def spec(self) -> FeedForwardSpec:
+        """:meth:`forward` as data (eval mode: dropout is the identity), for the fused native block."""
+        return FeedForwardSpec(gate=self.gate if self.glu else None, up=self.up, post_norm=self.post_norm,
+                               down=self.down, activation=self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., dim) -> h (..., hidden) -> (..., dim_out)

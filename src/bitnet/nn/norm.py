@@ -22,9 +22,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (..., dim): normalise in float32 for stability, return in x's dtype
+        # x (..., dim): normalise in float32 for stability, return in x's dtype.
+        # mean(x^2) (..., 1) is summed in float64 and then rounded to float32, so its value does not hang
+        # on the summation order (a float32 sum does: ~40% of rows differ in the last bit between two
+        # orders); the native CPU block sums in double too and so normalises to the same floats bit for
+        # bit. MPS has no float64: float32 there.
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        acc = torch.float32 if xf.device.type == "mps" else torch.float64
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True, dtype=acc).square() / xf.shape[-1]
+        y = (xf * torch.rsqrt(ms.float() + self.eps)).to(x.dtype)
         return y * self.weight if self.weight is not None else y
 
     def extra_repr(self) -> str:

@@ -73,6 +73,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
         "bitnet_prefetch_async": ([I, P, P], I),
         "bitnet_block_forward": ([P, P, I64, I64, P, P, I64, P, I], I),
+        "bitnet_block_activation": ([I], ctypes.c_char_p),
         "bitnet_attention_step": ([P, I64, I64, I64, I64, I64, P, P, I64, P, P, I64, P, P], I),
         "bitnet_prefetch_wait": ([], None),
         "bitnet_bitlinear_multi": ([P, I64, I64, I64, I, F, P, F, I, P, P, I64, P, P, P, I64, I], I),
@@ -390,8 +391,17 @@ class _Block(ctypes.Structure):
                 ("cos_table", ctypes.c_void_p), ("sin_table", ctypes.c_void_p), ("table_len", ctypes.c_int64)]
 
 
-BLOCK_ACTIVATIONS = ("silu", "gelu", "relu2")
-"""Activations :class:`NativeBlock` computes (in this order: the library's codes)."""
+def _block_activations() -> tuple[str, ...]:
+    names = []
+    while _lib is not None and (name := _lib.bitnet_block_activation(len(names))) is not None:
+        names.append(name.decode())
+    return tuple(names)
+
+
+BLOCK_ACTIVATIONS = _block_activations()
+"""Gate activations :class:`NativeBlock` computes, indexed by their code: read from the library's own
+table (``bitnet_block_activation`` in csrc/block.cpp), so Python and C cannot disagree. Empty when
+the library is not loaded."""
 
 
 class NativeBlock:

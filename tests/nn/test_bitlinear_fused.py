@@ -1,6 +1,7 @@
 """The fused BitLinear (one autograd Function) against the reference composition it replaces.
 
-The forward must be bit-identical (torch.equal) and the STE gradients equal up to float rounding, for
+The forward must be bit-identical (torch.equal) and the STE gradients equal up to float rounding (the
+norm weight's gradient is summed chunk by chunk, in another order than autograd's), for
 both weight kinds, bits 8 and 4, norm on/off, bias on/off, 1D/2D/3D inputs, lambda < 1, and with the
 row-chunked passes forced to use many chunks. The caches (quantised weight, shared norm-free input)
 must never serve stale values.
@@ -37,7 +38,7 @@ def _run(layer, x, fused, grad=None):
 @pytest.mark.parametrize("kind,bits,norm,bias", CASES)
 def test_fused_forward_bit_identical_and_gradients_equal(kind, bits, norm, bias, shape, chunk, monkeypatch):
     monkeypatch.setattr(bl, "_CHUNK_ELEMENTS", chunk)            # 50: one row per chunk
-    torch.manual_seed(hash((kind, bits, norm, bias, shape)) % 1000)
+    torch.manual_seed(CASES.index((kind, bits, norm, bias)) * 10 + len(shape))
     for strength in (1.0, 0.6):
         layer = BitLinear(48, 20, bias=bias, weight_kind=kind, bits=bits, norm=norm, quant_strength=strength)
         with torch.no_grad():
@@ -50,8 +51,8 @@ def test_fused_forward_bit_identical_and_gradients_equal(kind, bits, norm, bias,
         y, _, grads, fn = _run(layer, x, fused=True, grad=g)
         assert type(fn).__name__ == "_BitLinearFunctionBackward" and type(fn_ref).__name__ != type(fn).__name__
         assert torch.equal(y, y_ref)
-        for name in grads_ref:
-            assert torch.allclose(grads[name], grads_ref[name], rtol=1e-6, atol=1e-6), name
+        for name in grads_ref:                                   # (norm.weight: chunk sums, other order)
+            assert torch.allclose(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6), name
 
 
 def test_fused_handles_zero_rows_and_huge_values():

@@ -115,46 +115,47 @@ def _fake_quant_act_values(x: torch.Tensor, bits: int, strength: float) -> torch
 def _norm_quant_forward(x2: torch.Tensor, weight: torch.Tensor | None, eps: float, bits: int, strength: float):
     """RMSNorm (as :class:`RMSNorm` computes it) then the activation fake quantiser, per row chunk.
 
-    x2 (N, in) float32. Returns (xs, r, n): fake-quantised values, 1/rms (N, 1), normalised input (N, in).
+    x2 (N, in) float32. Returns (xs, r): fake-quantised values (N, in) and 1/rms (N, 1).
     """
-    xs, n = torch.empty_like(x2), torch.empty_like(x2)
+    xs = torch.empty_like(x2)
     r = torch.empty(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
     chunks = _row_chunks(x2)
     buf = torch.empty(chunks[0][1] - chunks[0][0] if chunks else 0, x2.shape[1], dtype=x2.dtype, device=x2.device)
     for a, b in chunks:
         xc, t = x2[a:b], buf[:b - a]
         torch.rsqrt(torch.pow(xc, 2, out=t).mean(dim=-1, keepdim=True) + eps, out=r[a:b])   # 1 / rms
-        nc = torch.mul(xc, r[a:b], out=n[a:b])                      # x / rms
-        y = torch.mul(nc, weight, out=t) if weight is not None else nc
+        y = torch.mul(xc, r[a:b], out=t)                            # x / rms
+        if weight is not None:
+            y = torch.mul(y, weight, out=y)                         # * g  (not y.mul_(g): slow on CPU)
         _fake_quant_act_into(y, xs[a:b], bits, strength)
-    return xs, r, n
+    return xs, r
 
 
-def _norm_backward(gy: torch.Tensor, x2, r, n, weight, x_shape):
+def _norm_backward(gy: torch.Tensor, x2, r, weight, x_shape):
     """Autograd's gradient of :class:`RMSNorm`, operation for operation, per row chunk.
 
-    gy (N, in) gradient w.r.t. the norm's output (overwritten). Returns (grad_x (N, in), grad_weight).
+    gy (N, in) gradient w.r.t. the norm's output (overwritten by grad_x). Returns (grad_x, grad_weight);
+    grad_weight sums the chunks' partial sums (the one difference to autograd: summation order).
     """
-    gx = torch.empty_like(x2)
     chunks = _row_chunks(x2)
     rows = chunks[0][1] - chunks[0][0] if chunks else 0
-    gn_buf, t_buf = (torch.empty(rows, x2.shape[1], dtype=x2.dtype, device=x2.device) for _ in range(2))
+    n_buf, gn_buf = (torch.empty(rows, x2.shape[1], dtype=x2.dtype, device=x2.device) for _ in range(2))
+    grad_w = torch.zeros_like(weight) if weight is not None else None
     for a, b in chunks:
         gyc, xc, rc = gy[a:b], x2[a:b], r[a:b]
         if weight is not None:
-            gn = torch.mul(gyc, weight, out=gn_buf[:b - a])         # d/dn of n * w
-            torch.mul(gyc, n[a:b], out=gyc)                         # gy * n, summed below for grad_w
+            n = torch.mul(xc, rc, out=n_buf[:b - a])                # x / rms, as in the forward
+            grad_w += torch.mul(n, gyc, out=n).sum(dim=0)           # d/dg of n * g
+            gn = torch.mul(gyc, weight, out=gn_buf[:b - a])         # d/dn of n * g
         else:
-            gn = gyc
-        grad_r = torch.mul(gn, xc, out=t_buf[:b - a]).sum(dim=-1, keepdim=True)   # (rows, 1)
+            gn = gn_buf[:b - a].copy_(gyc)
+        grad_r = torch.mul(gyc, xc, out=gyc) if weight is None else torch.mul(gn, xc, out=gyc)
+        grad_r = grad_r.sum(dim=-1, keepdim=True)                   # (rows, 1)
         grad_ms = (-0.5 * grad_r) * rc.pow(3)                       # rsqrt'(a) = -a^(-3/2) / 2
-        gxc = torch.add(xc, xc, out=gx[a:b]).mul_(grad_ms / x2.shape[1])    # d mean(x^2)/dx = 2x / D
+        gxc = torch.add(xc, xc, out=gyc).mul_(grad_ms / x2.shape[1])   # d mean(x^2)/dx = 2x / D
         # (x + x is 2 * x exactly; torch.mul by a Python scalar with out= is very slow on CPU)
         gxc.add_(gn.mul_(rc))                                       # + r * grad_n
-    grad_w = None
-    if weight is not None:
-        grad_w = gy.view(x_shape).sum(dim=tuple(range(len(x_shape) - 1))) if len(x_shape) > 1 else gy.view(-1)
-    return gx, grad_w
+    return gy, grad_w
 
 
 class _BitLinearFunction(torch.autograd.Function):
@@ -167,21 +168,21 @@ class _BitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_weight, weight, bias, ws, xs, has_norm, norm_eps, bits, strength):
-        r = n = None
+        r = None
         if has_norm:
             x2 = x.reshape(-1, x.shape[-1])
-            xs, r, n = _norm_quant_forward(x2, norm_weight, norm_eps, bits, strength)
+            xs, r = _norm_quant_forward(x2, norm_weight, norm_eps, bits, strength)
             xs = xs.view(x.shape)
         elif xs is None:
             xs = _fake_quant_act_values(x, bits, strength)
         out = F.linear(xs, ws, bias)
         ctx.has_norm, ctx.x_shape = has_norm, x.shape
-        ctx.save_for_backward(xs, ws, norm_weight, x if has_norm else None, r, n)
+        ctx.save_for_backward(xs, ws, norm_weight, x if has_norm else None, r)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, ws, norm_weight, x, r, n = ctx.saved_tensors
+        xs, ws, norm_weight, x, r = ctx.saved_tensors
         need_x, need_nw, need_w, need_b = ctx.needs_input_grad[:4]
         g2 = grad_out.reshape(-1, ws.shape[0])                      # (N, out)
         grad_x = grad_nw = grad_w = grad_b = None
@@ -192,7 +193,7 @@ class _BitLinearFunction(torch.autograd.Function):
         if need_x or need_nw:
             gy = g2.mm(ws)                                           # (N, in), straight through Quant_x
             if ctx.has_norm:
-                gy, grad_nw = _norm_backward(gy, x.reshape(-1, x.shape[-1]), r, n, norm_weight, ctx.x_shape)
+                gy, grad_nw = _norm_backward(gy, x.reshape(-1, x.shape[-1]), r, norm_weight, ctx.x_shape)
             grad_x = gy.view(ctx.x_shape)
         return (grad_x if need_x else None, grad_nw if need_nw else None, grad_w, grad_b,
                 None, None, None, None, None, None)

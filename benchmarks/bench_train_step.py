@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                                  # quick: dim 256, 8 x 128 tokens
     nice -n 19 python benchmarks/bench_train_step.py --dims 256 512 --batch 32 --seq 128 --threads 1
+    python benchmarks/bench_train_step.py --skip model --compile            # + torch.compile'd variants
 
 Two families, each timed in interleaved rounds (every variant once per round, so all see the same
 machine load), medians reported with the fastest round:
@@ -87,14 +88,16 @@ class TinyGPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def make_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, reference: bool):
+def make_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, reference: bool,
+              compile: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    loss_fn = torch.compile(model.loss) if compile else model.loss
 
     def step() -> tuple[float, float]:
         with fused_bitlinear(False) if reference else contextlib.nullcontext():
             t0, c0 = time.perf_counter(), time.process_time()
             opt.zero_grad(set_to_none=True)
-            model.loss(tokens, targets).backward()
+            loss_fn(tokens, targets).backward()
             opt.step()
             return time.perf_counter() - t0, time.process_time() - c0
     return step
@@ -118,7 +121,7 @@ def run_family(title: str, variants: dict, rounds: int, base: str) -> None:
         print(f"  {name:<24} {mw:8.3f} {min(wall[name]):7.3f} {mw / ref_w:10.2f} {mc:8.3f} {mc / ref_c:10.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", type=int, nargs="+", default=[256])
     p.add_argument("--depth", type=int, default=4)
@@ -130,8 +133,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the reference-path (unfused) BitLinear variants")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd variants of family (b) (BitLinear takes its reference path "
+                        "under the compiler; the first, compiling step is the warm-up)")
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "dropin"], help="families to skip")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; {a.threads} thread(s); "
           f"batch {a.batch} x {a.seq} tokens, depth {a.depth}, vocab {a.vocab}, {a.rounds} rounds")
@@ -157,9 +163,13 @@ def main() -> None:
                         "drop-in BitLinear": make_step(bit, x, y, reference=False)}
             if a.reference:
                 variants["drop-in (reference)"] = make_step(copy.deepcopy(bit), x, y, reference=True)
+            if a.compile:
+                variants["nn.Linear compiled"] = make_step(copy.deepcopy(fp), x, y, False, compile=True)
+                variants["drop-in compiled"] = make_step(copy.deepcopy(bit), x, y, False, compile=True)
             run_family(f"(b) nanoGPT-like decoder dim {dim}, nn.Linear vs replace_linears_in_hf(norm=True)",
                        variants, a.rounds, "nn.Linear")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -55,6 +55,18 @@ def test_fused_forward_bit_identical_and_gradients_equal(kind, bits, norm, bias,
             assert torch.allclose(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_non_contiguous_input(norm):
+    torch.manual_seed(0)
+    layer = BitLinear(48, 20, bias=True, norm=norm)
+    x = torch.randn(29, 3, 48).transpose(0, 1)                    # (3, 29, 48), not contiguous
+    y_ref, g, grads_ref, _ = _run(layer, x, fused=False)
+    y, _, grads, _ = _run(layer, x, fused=True, grad=g)
+    assert torch.equal(y, y_ref)
+    for name in grads_ref:
+        assert torch.allclose(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6), name
+
+
 def test_fused_handles_zero_rows_and_huge_values():
     layer = BitLinear(16, 8, bias=True)
     x = torch.randn(6, 16)

@@ -14,13 +14,15 @@ Two implementations of the same math live here:
 * the *reference* path, composed of the public functions (:class:`~bitnet.nn.RMSNorm`,
   :func:`~bitnet.quant.fake_quant_activation`, :func:`~bitnet.quant.fake_quant_weight`, ``F.linear``)
   and differentiated by autograd;
-* the *fused* path (default): one ``torch.autograd.Function`` that runs RMSNorm, the activation and
-  weight fake quantisers and the matmul with in-place passes and few temporaries, and whose backward
-  writes the STE gradients by hand. Its forward repeats the reference's floating-point operations one
-  for one (bit-identical outputs); its backward repeats autograd's formulas (tests compare both).
-  The fake-quantised weight is cached until the weight changes (its ``_version`` counter, or any
-  ``torch.optim`` step), and an input shared by several norm-free BitLinears (q/k/v, gate/up) is
-  quantised once.
+* the *fused* path (default for float32 on CPU/CUDA): one ``torch.autograd.Function`` that runs
+  RMSNorm, the activation fake quantiser and the matmul, the elementwise passes in place over
+  cache-sized row chunks, and whose backward writes the STE gradients by hand. Its forward repeats the
+  reference's floating-point operations one for one (bit-identical outputs); its backward repeats
+  autograd's formulas (equal gradients up to the summation order of the norm weight's gradient).
+  In training mode the fake-quantised weight is cached until the weight changes (its ``_version``
+  counter, or any ``torch.optim`` step; writes through ``weight.data`` are invisible to both: call
+  :meth:`BitLinear.clear_cache` after them), and an input shared by several norm-free BitLinears
+  (q/k/v, gate/up) is quantised once.
 
 ``fused_bitlinear(False)`` forces the reference path (e.g. to check the fused one against it).
 """
@@ -149,8 +151,7 @@ def _norm_backward(gy: torch.Tensor, x2, r, weight, x_shape):
             gn = torch.mul(gyc, weight, out=gn_buf[:b - a])         # d/dn of n * g
         else:
             gn = gn_buf[:b - a].copy_(gyc)
-        grad_r = torch.mul(gyc, xc, out=gyc) if weight is None else torch.mul(gn, xc, out=gyc)
-        grad_r = grad_r.sum(dim=-1, keepdim=True)                   # (rows, 1)
+        grad_r = torch.mul(gn, xc, out=gyc).sum(dim=-1, keepdim=True)   # (rows, 1) d/dr of x * r
         grad_ms = (-0.5 * grad_r) * rc.pow(3)                       # rsqrt'(a) = -a^(-3/2) / 2
         gxc = torch.add(xc, xc, out=gyc).mul_(grad_ms / x2.shape[1])   # d mean(x^2)/dx = 2x / D
         # (x + x is 2 * x exactly; torch.mul by a Python scalar with out= is very slow on CPU)
@@ -283,11 +284,14 @@ class BitLinear(nn.Linear):
         return ws
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
-        if not _FUSED or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        """The fused path runs for float32 on CPU/CUDA, outside autocast and the compiler; else the reference."""
+        if not _FUSED or x.dtype != torch.float32 or x.device.type not in ("cpu", "cuda"):
+            return False
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
             return False
         norm_weight = None if self.norm is None else self.norm.weight
         tensors = [t for t in (self.weight, self.bias, norm_weight) if t is not None]
-        return x.dtype == torch.float32 and all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+        return all(t.dtype == x.dtype and t.device == x.device for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_in_features(x, self.in_features, "BitLinear")

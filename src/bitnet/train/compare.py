@@ -60,6 +60,16 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def throughput_line(rows: list[dict]) -> str:
+    """One line of training tokens/s per run, side by side, with the ratio to ``fp`` when it ran."""
+    fp = next((r["tokens_per_s"] for r in rows if r["weights"] == "fp"), None)
+    parts = []
+    for r in rows:
+        ratio = f" ({r['tokens_per_s'] / fp:.2f}x fp)" if fp and r["weights"] != "fp" else ""
+        parts.append(f"{_name(r['weights'])} {r['tokens_per_s']:,.0f}{ratio}")
+    return "training tokens/s: " + " | ".join(parts)
+
+
 def plot_compare(rows: list[dict], out_path: Path) -> Path | None:
     """Validation loss of every run against the step, on one plot; None without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -127,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     out = given.pop("out", None) or "runs/compare"
     rows = compare(TrainConfig(**given), weights=tuple(args.kinds), out=out)
     print(markdown_table(rows))
+    print("\n" + throughput_line(rows))
     print(f"\nwritten: {Path(out) / 'compare.csv'}, {Path(out) / 'compare.md'}"
           + (f", {Path(out) / 'compare.png'}" if (Path(out) / "compare.png").is_file() else ""))
     return 0

@@ -34,6 +34,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.ffn = BitFeedForward(dim, dim, ff_mult, post_act_ln=True, dropout=dropout, glu=True,
                                   activation=activation, weights=weights, bits=bits, linear_norm=False)
+        if self.ffn.post_norm is not None:       # the FFN sub-norm takes the model's eps like every other norm
+            self.ffn.post_norm.eps = norm_eps
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         fused = use_fused(self, x)
@@ -123,7 +125,7 @@ class BitNetTransformer(nn.Module):
                    static: bool = False) -> list[KVCache]:
         """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens
         (``static``: fixed-shape decode steps for capture, see :class:`bitnet.nn.KVCache`)."""
-        param = self.embed.weight
+        param = self.norm.weight                  # compute dtype (the embedding table may be stored in 16 bits)
         attn = self.layers[0].attn
         return [
             KVCache(batch, attn.kv_heads, max_len or self.max_seq_len, attn.head_dim,
@@ -153,6 +155,8 @@ class BitNetTransformer(nn.Module):
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
+        if x.dtype != self.norm.weight.dtype:       # 16-bit table of the packed form: rows back to fp32
+            x = x.to(self.norm.weight.dtype)
         stacked = run_native_stack(self.layers, x, caches, start_pos)       # packed, CPU, cached: all blocks
         if stacked is not None:
             x = stacked

@@ -21,7 +21,7 @@ from collections import deque
 
 from fastapi import Request as HTTPRequest
 
-from ..chat import format_chat
+from ..chat import format_chat, stop_token_ids
 from .engine import Engine, QueueFullError, Request, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
@@ -283,8 +283,7 @@ def create_app(engine: Engine, model_name: str = "bitnet", owns_engine: bool = T
         ids = tokenizer.encode(prompt)
         params = sampling_from(body, len(ids), engine.context, "messages")
         params.stop = list(params.stop) + [s for s in stops if s not in params.stop]
-        eos = getattr(tokenizer, "eos_id", None)
-        params.stop_token_ids = () if eos is None else (eos,)
+        params.stop_token_ids = stop_token_ids(tokenizer)         # eos and the chat template's end of turn
         include_usage = stream_options(body) if stream else False
         req, events = submit(ids, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -114,6 +114,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "at most half the context)")
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the first answer (then seed+1, ...)")
+    p.add_argument("--stats", action="store_true",
+                   help="after each answer print tokens, time to first token and decode tok/s on stderr")
     p.set_defaults(func=run)
     return p
 
@@ -195,6 +197,12 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             pending = pending[safe:]
         out.write(pending + "\n")
         out.flush()
+        if getattr(args, "stats", False):
+            st = inf.stats
+            rate = "n/a" if st["decode_tok_s"] is None else f"{st['decode_tok_s']:.2f}"
+            ttft = "n/a" if st["ttft_s"] is None else f"{st['ttft_s']:.3f}"
+            print(f"[stats] prompt_tokens={st['prompt_tokens']} new_tokens={st['new_tokens']} ttft_s={ttft} "
+                  f"decode_tok_s={rate} finish={inf.finish_reason}", file=sys.stderr, flush=True)
         answer += pending
         history.append({"role": "assistant", "content": answer.strip()})
         if seed is not None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator
 
 import torch
@@ -58,6 +59,7 @@ class BitNetInference:
         self.context_overflow = context_overflow
         self.sampling = self._sampling({})
         self.finish_reason: str | None = None
+        self.stats: dict = {}
         self.loaded = None
         self.stop_ids: tuple[int, ...] | None = None
         self._model = None
@@ -128,15 +130,20 @@ class BitNetInference:
         ``stop`` is a list of token ids (default :meth:`default_stop`). ``special_tokens=False`` encodes
         the prompt as it is (a rendered chat template carries its own BOS); by default a plain prompt
         gets what the tokenizer adds to one (Llama 3's ``<|begin_of_text|>``). ``self.finish_reason`` is
-        set when the iterator is exhausted.
+        set when the iterator is exhausted, and ``self.stats`` to ``{"prompt_tokens", "new_tokens",
+        "ttft_s" (prompt in -> first new token), "decode_tok_s" (tokens after the first per second)}``.
         """
         ids = self._ids(prompt, special_tokens)
         settings = {**self.sampling, **sampling}
         stop = self.default_stop() if stop is None else stop
+        start = time.perf_counter()
         tokens = stream_generate(self.model, ids, max_new_tokens, stop_tokens=stop, seed=seed, **settings)
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.finish_reason = None
+        stamps: list[float] = []
+        self.stats = {"prompt_tokens": len(ids), "new_tokens": 0, "ttft_s": None, "decode_tok_s": None}
         for tok in tokens:
+            stamps.append(time.perf_counter())
             piece = decoder.feed(tok)
             if piece:
                 yield piece
@@ -144,6 +151,9 @@ class BitNetInference:
         if tail:
             yield tail
         self.finish_reason = tokens.finish_reason
+        if stamps:
+            decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else None
+            self.stats.update(new_tokens=len(stamps), ttft_s=stamps[0] - start, decode_tok_s=decode)
 
     def generate(self, prompt: str, max_new_tokens: int = 256, *, include_prompt: bool = False,
                  stop: Iterable[int] | None = None, seed: int | None = None, **sampling) -> str:

@@ -117,11 +117,13 @@ def run_bench(threads: int, steps: int) -> dict:
     out = subprocess.run(bitnet_cmd("bench", "--no-kernels", "--shapes", "2b4t", "--kinds", "packed",
                                     "--threads", threads, "--steps", steps, "--prefill", 128),
                          capture_output=True, text=True, check=True).stdout
-    row = next(line for line in out.splitlines() if re.match(r"\|\s*2b4t\s*\|\s*packed", line))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    fastest, median = re.match(r"([\d.]+) \(([\d.]+)\)", cells[3]).groups()
-    return {"decode_fastest": float(fastest), "decode_median": float(median), "resident_mb": float(cells[5]),
-            "prefill_128": float(cells[-1]), "row": row}
+    m = re.search(r"^\s*2b4t\s+packed\s+\S+\s*\|\s*([\d.]+)\s*\(\s*([\d.]+)\)\s*\|\s*([\d.]+)\s+([\d.]+)\s*\|"
+                  r"[^|]*\|\s*([\d.]+|-)\s*$", out, re.M)
+    if m is None:
+        raise RuntimeError(f"no 2b4t packed row in the output of bitnet bench:\n{out}")
+    return {"decode_fastest": float(m.group(1)), "decode_median": float(m.group(2)), "mb_per_token": float(m.group(3)),
+            "resident_mb": float(m.group(4)), "prefill_128": None if m.group(5) == "-" else float(m.group(5)),
+            "row": m.group(0).strip()}
 
 
 def run_chat(folder: Path, threads: int, max_new: int) -> dict:

@@ -116,6 +116,10 @@ def test_offline_official_folder_runs_packed_and_matches_transformers(offline_fo
     assert ours.kind == "hf-bitnet" and ours.packed and isinstance(ours.model, BitNetTransformer)
     assert type(ours.model.head).__name__ == "Int8Linear"
     assert ours.model.embed.weight.dtype == torch.bfloat16          # bf16 table of a bf16 checkpoint: exact
+    if sys.platform.startswith("linux"):                            # ... memory-mapped from its shard file
+        shard = json.loads((offline_folder / "model.safetensors.index.json").read_text())["weight_map"][
+            "model.embed_tokens.weight"]
+        assert str(offline_folder / shard) in Path("/proc/self/maps").read_text()
     assert ours.context_length == 64 and ours.name == "2b4t"
     theirs = transformers.BitNetForCausalLM.from_pretrained(offline_folder, dtype=torch.bfloat16)
     theirs = torch.nn.Module.float(theirs).eval()
@@ -315,3 +319,14 @@ def test_gguf_without_the_importer_is_a_clear_error(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(ModelFormatError, match="gguf_import"):
         load(tmp_path / "m.gguf")
+
+
+def test_int8_head_in_row_blocks_equals_the_whole_table_quantisation():
+    from bitnet.loading import int8_head
+    from bitnet.nn.int8_linear import Int8Linear
+
+    lin = torch.nn.Linear(48, 1001, bias=False)
+    whole, blocks = Int8Linear.from_linear(lin), int8_head(lin, rows=128)
+    assert torch.equal(whole.w_int8, blocks.w_int8) and torch.equal(whole.w_scale, blocks.w_scale)
+    x = torch.randn(3, 48)
+    assert torch.equal(whole(x), blocks(x))

@@ -24,9 +24,10 @@ Detection, in this order:
 Layering: this module sits with ``generate`` / ``hf`` (it imports io, convert and models, and hf,
 gguf import and huggingface_hub lazily, only for the formats that need them).
 
-Memory: in the packed inference form the embedding table is stored in 16 bits
-(:func:`compact_embedding`): bf16 when the checkpoint's table is bf16 (the official checkpoints:
-exact), else fp16 (rounding of 2^-11 relative on fp32 tables). The looked-up rows are cast back to the
+Memory: in the packed inference form the embedding table is stored in 16 bits: a Hugging Face
+checkpoint that stores it in bf16/fp16 (the official ones) gets a copy-on-write memory map of the file
+(:func:`map_embedding`: exact, and only looked-up rows ever become resident); otherwise
+:func:`compact_embedding` converts it to fp16 (rounding of 2^-11 relative on fp32 tables). The looked-up rows are cast back to the
 model's compute dtype (fp32), so everything after the lookup is unchanged. A 2B4T-shaped table is
 656 MB instead of 1313 MB. ``bitnet pack`` keeps the fp32 table on disk.
 """
@@ -34,8 +35,10 @@ model's compute dtype (fp32), so everything after the lookup is unchanged. A 2B4
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.gguf"]
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|eom_id|>")
 """End-of-turn tokens recognised in chat templates: a template that writes one after every turn makes
 the model end its answer with it, so it joins the stop ids."""
+SAFETENSORS_16BIT = {"BF16": torch.bfloat16, "F16": torch.float16}
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -312,6 +316,52 @@ def generation_defaults(folder: Path | None) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------------------------- memory
 
+def mapped_tensor(folder: Path, key: str) -> torch.Tensor | None:
+    """Tensor ``key`` of the safetensors checkpoint in ``folder`` as a copy-on-write memory map of its file
+    (no bytes read until used), or None when it is not stored in 16 bits as one plain array."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        fname = _read_json(index)["weight_map"][key] if index.is_file() else "model.safetensors"
+    except (KeyError, TypeError):
+        return None
+    path = folder / fname
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n)).get(key)
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_16BIT:
+            return None
+        begin, end = entry["data_offsets"]
+        dtype, shape = SAFETENSORS_16BIT[entry["dtype"]], entry["shape"]
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * 2:
+            return None
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin).view(*shape)
+
+
+def map_embedding(model: nn.Module, table: torch.Tensor) -> bool:
+    """Use ``table`` (a 16-bit memory map of the checkpoint's embedding, :func:`mapped_tensor`) as
+    ``model.embed``'s weight when it holds exactly the same values; True when it did.
+
+    Only the rows that are looked up are ever read from the file (a few pages per token), so the 656 MB
+    table of a 2B4T-shaped model costs no resident memory up front. The file must stay in place while the
+    model lives (mapped copy-on-write: the model never writes to it)."""
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, nn.Embedding) or tuple(embed.weight.shape) != tuple(table.shape):
+        return False
+    if isinstance(getattr(model, "head", None), nn.Linear):
+        return False                              # an fp head tied to the table would read all of it per token
+    probe = slice(0, min(64, table.shape[0]))
+    if not torch.equal(embed.weight[probe].to(table.dtype), table[probe]):
+        return False
+    embed.weight = nn.Parameter(table, requires_grad=False)
+    return True
+
+
 def compact_embedding(model: nn.Module, source_dtype: torch.dtype | None = None) -> None:
     """Store ``model.embed`` in 16 bits (bf16 when the checkpoint table was bf16 -- exact --, else fp16).
 
@@ -370,9 +420,27 @@ def _load_hf_bitnet(folder: Path) -> nn.Module:
     from .hf import BitNetForCausalLM, to_bitnet_transformer
 
     hf_model = BitNetForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
-    model = to_bitnet_transformer(hf_model, head="int8")
+    model = to_bitnet_transformer(hf_model, head="fp")
     del hf_model
+    model.head = int8_head(model.head)      # as pack(head="int8") does, in row blocks: no fp32 temporaries
     return model
+
+
+@torch.no_grad()
+def int8_head(linear: nn.Linear, rows: int = 8192) -> nn.Module:
+    """``Int8Linear.from_linear(linear)`` computed ``rows`` output rows at a time (per-row absmax: the same
+    values), so a 128256-row head never needs whole-table float temporaries while loading."""
+    from .nn.int8_linear import Int8Linear
+    from .ops.int8 import quantize_weight_int8
+
+    w = linear.weight
+    head = Int8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    parts = [quantize_weight_int8(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    head.w_int8 = torch.cat([q for q, _ in parts])
+    head.w_scale = torch.cat([sc for _, sc in parts])
+    if linear.bias is not None:
+        head.bias = linear.bias.detach().float().clone()
+    return head
 
 
 def _load_bitllama(folder: Path, pack: bool) -> nn.Module:
@@ -449,7 +517,9 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
 
     packed = is_packed(net)
     if packed and compact_embeddings:
-        compact_embedding(net, embed_dtype)
+        mapped = mapped_tensor(folder, "model.embed_tokens.weight") if kind in ("hf-bitnet", "bitllama") else None
+        if mapped is None or not map_embedding(net, mapped):
+            compact_embedding(net, embed_dtype)
     net = net.to(dev).eval()
     release_freed_memory()
     generation, gen_raw = generation_defaults(folder if kind != "bitnet" or path.is_dir() else None)
@@ -463,5 +533,5 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
 
 
 __all__ = ["ACCEPTED_FORMATS", "END_OF_TURN_TOKENS", "LoadedModel", "ModelFormatError", "PretrainedTokenizer", "check_device",
-           "compact_embedding", "detect_format", "generation_defaults", "load", "load_hf_tokenizer",
+           "compact_embedding", "detect_format", "map_embedding", "mapped_tensor", "generation_defaults", "load", "load_hf_tokenizer",
            "resolve_hub_id", "stop_ids_for", "stop_token_ids"]

@@ -24,12 +24,11 @@ Detection, in this order:
 Layering: this module sits with ``generate`` / ``hf`` (it imports io, convert and models, and hf,
 gguf import and huggingface_hub lazily, only for the formats that need them).
 
-Memory: in the packed inference form the embedding table is stored in 16 bits: a Hugging Face
-checkpoint that stores it in bf16/fp16 (the official ones) gets a copy-on-write memory map of the file
-(:func:`map_embedding`: exact, and only looked-up rows ever become resident); otherwise
-:func:`compact_embedding` converts it to fp16 (rounding of 2^-11 relative on fp32 tables). The looked-up rows are cast back to the
-model's compute dtype (fp32), so everything after the lookup is unchanged. A 2B4T-shaped table is
-656 MB instead of 1313 MB. ``bitnet pack`` keeps the fp32 table on disk.
+Memory: in the packed inference form of a Hugging Face checkpoint that stores its embedding table in
+bf16/fp16 (the official ones), the table is a copy-on-write memory map of the file (:func:`map_embedding`:
+exact, and only looked-up rows ever become resident); the model casts the looked-up rows to its compute
+dtype (fp32), so everything after the lookup is unchanged. Other tables stay as they are read (fp32
+for our own checkpoints). A 2B4T-shaped table then costs a few pages per token instead of 1313 MB.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ import mmap
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,36 +360,6 @@ def map_embedding(model: nn.Module, table: torch.Tensor) -> bool:
     return True
 
 
-def compact_embedding(model: nn.Module, source_dtype: torch.dtype | None = None) -> None:
-    """Store ``model.embed`` in 16 bits (bf16 when the checkpoint table was bf16 -- exact --, else fp16).
-
-    Only for the packed inference form with an int8 head: the head no longer reads the table, lookups
-    read one row per token, and the model casts the rows back to its compute dtype.
-    """
-    embed = getattr(model, "embed", None)
-    if not isinstance(embed, nn.Embedding) or embed.weight.dtype not in (torch.float32, torch.float64):
-        return
-    if isinstance(getattr(model, "head", None), nn.Linear):
-        return                                    # an fp head tied to the table would read it in 16 bits
-    target = torch.bfloat16 if source_dtype == torch.bfloat16 else torch.float16
-    embed.weight = nn.Parameter(embed.weight.detach().to(target), requires_grad=False)
-
-
-def release_freed_memory() -> None:
-    """Hand the heap freed by loading back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Converting a checkpoint frees many mid-sized temporaries (unpacked int8 matrices, fp32 copies) that
-    glibc keeps in its heap: without the trim a 2B4T-shaped model stayed ~1 GB above its tensors."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # --------------------------------------------------------------------------------------------- loaders
 
 def _load_bitnet(path: Path, pack: bool, **overrides) -> tuple[nn.Module, object, Path | None]:
@@ -474,8 +442,8 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
         pack: convert BitLinear layers to the packed 2-bit form (int8 head). ``None`` (default): pack on
             the CPU, keep fp weights elsewhere. Official BitNet and GGUF checkpoints are ternary already
             and always load packed.
-        compact_embeddings: in the packed form, store the embedding table in 16 bits
-            (:func:`compact_embedding`); False keeps it as read.
+        compact_embeddings: in the packed form, use a 16-bit embedding table of a Hugging Face checkpoint
+            as a memory map of its file (:func:`map_embedding`); False keeps the fp32 copy.
         revision, cache_dir: for Hub ids (default: ``refs/main``; ``HF_HUB_CACHE``).
         **overrides: constructor kwargs for our own checkpoints (``heads=``, ``max_seq_len=``, ...),
             as :func:`bitnet.io.load_model` takes them.
@@ -497,7 +465,6 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
         raise ValueError(f"{sorted(overrides)} apply to bitnet checkpoints only, not to {kind} checkpoints ({path})")
     folder = path if path.is_dir() else path.parent
     config: dict = {}
-    embed_dtype = None
     if kind == "bitnet":
         net, tokenizer, folder = _load_bitnet(path, pack, **overrides)
     elif kind == "gguf":
@@ -509,19 +476,17 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
         config = _read_json(folder / "config.json")
         tokenizer = load_hf_tokenizer(folder)
         if kind == "hf-bitnet":
-            net, embed_dtype = _load_hf_bitnet(folder), torch.bfloat16
+            net = _load_hf_bitnet(folder)
         else:
             net = _load_bitllama(folder, pack)
-            embed_dtype = getattr(torch, str(config.get("torch_dtype", "float32")), None)
     from .convert.pack import is_packed
 
     packed = is_packed(net)
     if packed and compact_embeddings:
         mapped = mapped_tensor(folder, "model.embed_tokens.weight") if kind in ("hf-bitnet", "bitllama") else None
-        if mapped is None or not map_embedding(net, mapped):
-            compact_embedding(net, embed_dtype)
+        if mapped is not None:
+            map_embedding(net, mapped)
     net = net.to(dev).eval()
-    release_freed_memory()
     generation, gen_raw = generation_defaults(folder if kind != "bitnet" or path.is_dir() else None)
     if tokenizer is not None and hasattr(tokenizer, "hf"):
         tokenizer.stop_ids = stop_ids_for(tokenizer, config, gen_raw)
@@ -533,5 +498,5 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
 
 
 __all__ = ["ACCEPTED_FORMATS", "END_OF_TURN_TOKENS", "LoadedModel", "ModelFormatError", "PretrainedTokenizer", "check_device",
-           "compact_embedding", "detect_format", "map_embedding", "mapped_tensor", "generation_defaults", "load", "load_hf_tokenizer",
+           "detect_format", "map_embedding", "mapped_tensor", "generation_defaults", "load", "load_hf_tokenizer",
            "resolve_hub_id", "stop_ids_for", "stop_token_ids"]

@@ -5,8 +5,6 @@ import threading
 import pytest
 import torch
 
-import bitnet
-
 from bitnet import BitNetTransformer, pack
 from bitnet.generate import generate
 from bitnet.io import save_checkpoint
@@ -30,9 +28,8 @@ def test_packed_checkpoint_serves_like_the_generate_loop(tmp_path):
     model = pack(BitNetTransformer(256, 64, 2, heads=4, kv_heads=2, max_seq_len=128).eval())
     save_checkpoint(tmp_path / "packed", model, tokenizer=ByteTokenizer())
     prompts = [list(f"packed prompt {i} ".encode()) * (1 + i % 3) for i in range(6)]
-    served = bitnet.load(tmp_path / "packed", device="cpu").model       # as load_engine loads it (16-bit table)
-    alone = [generate(served, p, 20, temperature=0) for p in prompts]
-    engine = load_engine(tmp_path / "packed", slots=3, device="cpu")
+    alone = [generate(model, p, 20, temperature=0) for p in prompts]
+    engine = load_engine(tmp_path / "packed", slots=3)
     with engine:
         reqs = run_together(engine, prompts, SamplingParams(max_tokens=20, temperature=0))
     assert [r.output_ids for r in reqs] == alone

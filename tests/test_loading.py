@@ -340,3 +340,5 @@ def test_pack_command_turns_an_official_folder_into_our_run_folder(offline_folde
     assert set(ours.stop_ids) == {0, 2} and ours.generation == direct.generation
     with torch.no_grad():
         assert torch.equal(ours.model(IDS), direct.model(IDS))          # same bytes, same logits
+    assert ours.model.embed.weight.dtype == torch.bfloat16              # fp32 on disk, bf16 values: kept exactly
+    assert load(tmp_path / "run", device="cpu", compact_embeddings=False).model.embed.weight.dtype == torch.float32

@@ -27,8 +27,10 @@ gguf import and huggingface_hub lazily, only for the formats that need them).
 Memory: in the packed inference form of a Hugging Face checkpoint that stores its embedding table in
 bf16/fp16 (the official ones), the table is a copy-on-write memory map of the file (:func:`map_embedding`:
 exact, and only looked-up rows ever become resident); the model casts the looked-up rows to its compute
-dtype (fp32), so everything after the lookup is unchanged. Other tables stay as they are read (fp32
-for our own checkpoints). A 2B4T-shaped table then costs a few pages per token instead of 1313 MB.
+dtype (fp32), so everything after the lookup is unchanged. An fp32 table whose values are bf16 values
+(``bitnet pack`` of an official checkpoint) is stored in bf16 (:func:`bf16_embedding_if_exact`); other
+tables stay as they are read (fp32 for our own checkpoints). A mapped 2B4T-shaped table costs a few
+pages per token instead of 1313 MB.
 """
 
 from __future__ import annotations
@@ -360,6 +362,23 @@ def map_embedding(model: nn.Module, table: torch.Tensor) -> bool:
     return True
 
 
+def bf16_embedding_if_exact(model: nn.Module) -> bool:
+    """Store ``model.embed`` in bf16 when that loses nothing (an fp32 table of bf16 values, e.g. a run folder
+    that ``bitnet pack`` wrote from an official checkpoint: 656 MB instead of 1313 MB for 2B4T); True when
+    it did. Only for the packed form (the int8 head no longer reads the table)."""
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, nn.Embedding) or embed.weight.dtype != torch.float32:
+        return False
+    if isinstance(getattr(model, "head", None), nn.Linear):
+        return False
+    w = embed.weight.detach()
+    as_bf16 = w.to(torch.bfloat16)
+    if not torch.equal(as_bf16.float(), w):
+        return False
+    embed.weight = nn.Parameter(as_bf16, requires_grad=False)
+    return True
+
+
 # --------------------------------------------------------------------------------------------- loaders
 
 def _load_bitnet(path: Path, pack: bool, **overrides) -> tuple[nn.Module, object, Path | None]:
@@ -443,7 +462,8 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
             the CPU, keep fp weights elsewhere. Official BitNet and GGUF checkpoints are ternary already
             and always load packed.
         compact_embeddings: in the packed form, use a 16-bit embedding table of a Hugging Face checkpoint
-            as a memory map of its file (:func:`map_embedding`); False keeps the fp32 copy.
+            as a memory map of its file (:func:`map_embedding`), and store fp32 tables of bf16 values in
+            bf16 (:func:`bf16_embedding_if_exact`); both exact. False keeps the fp32 copy.
         revision, cache_dir: for Hub ids (default: ``refs/main``; ``HF_HUB_CACHE``).
         **overrides: constructor kwargs for our own checkpoints (``heads=``, ``max_seq_len=``, ...),
             as :func:`bitnet.io.load_model` takes them.
@@ -484,8 +504,8 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
     packed = is_packed(net)
     if packed and compact_embeddings:
         mapped = mapped_tensor(folder, "model.embed_tokens.weight") if kind in ("hf-bitnet", "bitllama") else None
-        if mapped is not None:
-            map_embedding(net, mapped)
+        if mapped is None or not map_embedding(net, mapped):
+            bf16_embedding_if_exact(net)
     net = net.to(dev).eval()
     generation, gen_raw = generation_defaults(folder if kind != "bitnet" or path.is_dir() else None)
     if tokenizer is not None and hasattr(tokenizer, "hf"):
@@ -498,5 +518,5 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
 
 
 __all__ = ["ACCEPTED_FORMATS", "END_OF_TURN_TOKENS", "LoadedModel", "ModelFormatError", "PretrainedTokenizer", "check_device",
-           "detect_format", "map_embedding", "mapped_tensor", "generation_defaults", "load", "load_hf_tokenizer",
+           "bf16_embedding_if_exact", "detect_format", "map_embedding", "mapped_tensor", "generation_defaults", "load", "load_hf_tokenizer",
            "resolve_hub_id", "stop_ids_for", "stop_token_ids"]

@@ -88,7 +88,8 @@ def answer(model, messages, max_new):
 
 def test_chat_process_streams_answers_resets_and_exits(chat_model):
     model, run = chat_model
-    out = run_chat(run, "Hello\nHow are you?\n/reset\nHi again\n/exit\nnever read\n", "--max-new-tokens", "12")
+    out = run_chat(run, "Hello\nHow are you?\n/reset\nHi again\n/exit\nnever read\n", "--max-new-tokens", "12",
+                   "--no-pack")
     first = answer(model, [{"role": "user", "content": "Hello"}], 12)
     second = answer(model, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.strip()},
                             {"role": "user", "content": "How are you?"}], 12)
@@ -114,3 +115,16 @@ def test_chat_rejects_bad_flags(chat_model):
     proc = subprocess.run([sys.executable, "-m", "bitnet", "chat", str(run), "--top-p", "0"], input=b"",
                           capture_output=True, env=env, timeout=240)
     assert proc.returncode == 1 and b"top_p" in proc.stderr
+
+
+def test_chat_packs_by_default_on_the_cpu(chat_model):
+    """Without flags the chat runs the packed form bitnet.load gives (2-bit weights, int8 head)."""
+    from bitnet import load
+    from bitnet.convert.pack import is_packed
+
+    model, run = chat_model
+    loaded = load(run, device="cpu")
+    assert loaded.packed and is_packed(loaded.model)
+    out = run_chat(run, "Hello\n", "--max-new-tokens", "12")
+    packed_answer = answer(loaded.model, [{"role": "user", "content": "Hello"}], 12)
+    assert "Assistant:" + packed_answer + "\n" in out

@@ -77,13 +77,16 @@ def test_bitnet_eval_command(model, tmp_path):
     data = tmp_path / "heldout.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bitnet", "eval", str(run), "--data", str(data), "--context", "32",
-                           "--stride", "8"], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    expected = evaluate_text(model, ByteTokenizer(), data.read_text(), 32, 8)
-    assert math.isclose(result["perplexity"], expected["perplexity"], rel_tol=1e-6)
-    assert result["stride"] == 8 and "bits/byte" in proc.stderr
+    from bitnet import load
+
+    for flags, reference in ((["--no-pack"], model), ([], load(run, device="cpu").model)):   # default: packed
+        proc = subprocess.run([sys.executable, "-m", "bitnet", "eval", str(run), "--data", str(data), "--context", "32",
+                               "--stride", "8", *flags], capture_output=True, text=True, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        expected = evaluate_text(reference, ByteTokenizer(), data.read_text(), 32, 8)
+        assert math.isclose(result["perplexity"], expected["perplexity"], rel_tol=1e-6), flags
+        assert result["stride"] == 8 and "bits/byte" in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "bitnet", "eval", str(run), "--data", str(tmp_path / "nope.txt")],
                          capture_output=True, text=True, env=env, timeout=240)
     assert bad.returncode == 1 and "not found" in bad.stderr

@@ -34,7 +34,8 @@ def __getattr__(name):
 # stay in their subpackages: exporting them here would shadow the subpackage names).
 from .generate import BitNetInference  # noqa: E402
 from .io import load_model, save_checkpoint  # noqa: E402
+from .loading import LoadedModel, load  # noqa: E402  (one loader for every MODEL kind: bitnet.load)
 from .tokenizer import ByteTokenizer  # noqa: E402
 from .train import TrainConfig  # noqa: E402
 
-__all__ += ["BitNetInference", "ByteTokenizer", "TrainConfig", "load_model", "save_checkpoint"]
+__all__ += ["BitNetInference", "ByteTokenizer", "LoadedModel", "TrainConfig", "load", "load_model", "save_checkpoint"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .loading import stop_token_ids  # noqa: F401  (re-exported: the stop ids of chat answers)
+
 ROLES = ("system", "user", "assistant")
 PLAIN_STOP = ("\nUser:",)
 
@@ -100,41 +102,49 @@ HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import add_model_arguments, add_sampling_arguments
+
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams tokens)",
-                              description="Terminal chat with history. Type a message and press Enter. " + HELP)
-    p.add_argument("model", help="run folder, .safetensors file or state-dict .pth")
+                              description="Terminal chat with history, in the model's chat template when its "
+                                          "tokenizer has one. Type a message and press Enter. " + HELP)
+    add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per answer (default: the checkpoint's generation_config.json, else 256; "
+                        "at most half the context)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the first answer (then seed+1, ...)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--pack", action="store_true", help="pack BitLinear weights to 2 bits (bitnet.pack)")
+    p.add_argument("--stats", action="store_true",
+                   help="after each answer print tokens, time to first token and decode tok/s on stderr")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
+    from .cli import apply_threads, sampling_kwargs
     from .generate import BitNetInference
+    from .generate.inference import DEFAULT_SAMPLING
     from .generate.sampling import check_sampling_args
 
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    inf = BitNetInference(device=args.device, pack=args.pack).load_model(args.model)
+    apply_threads(args)
+    check_sampling_args(**{**DEFAULT_SAMPLING, **sampling_kwargs(args)})       # bad flags fail before loading
+    inf = BitNetInference(device=args.device, pack=args.pack, **sampling_kwargs(args)).load_model(args.model)
     tok, ctx = inf.tokenizer, inf.model.max_seq_len
     if ctx < 2:
         raise ValueError("the model's context is too short to chat")
-    reply_budget = min(args.max_new_tokens, max(1, ctx // 2))
+    max_new = args.max_new_tokens or int(inf.loaded.generation.get("max_new_tokens", 256))
+    reply_budget = min(max_new, max(1, ctx // 2))
+    templated = chat_template_of(tok) is not None
     interactive = stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     seed = args.seed
-    out.write(f"bitnet chat ({args.model}, context {ctx} tokens). {HELP}\n")
+    style = "its chat template" if templated else "plain turns"
+    out.write(f"bitnet chat ({inf.loaded.name}, context {ctx} tokens, {style}). {HELP}\n")
     out.flush()
     while True:
         if interactive:
@@ -173,8 +183,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         out.flush()
         answer = ""
         pending = ""
-        for piece in inf.stream(prompt, reply_budget, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=seed):
+        for piece in inf.stream(prompt, reply_budget, seed=seed, special_tokens=not templated):
             pending += piece
             hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
             if hit >= 0:
@@ -188,6 +197,12 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             pending = pending[safe:]
         out.write(pending + "\n")
         out.flush()
+        if getattr(args, "stats", False):
+            st = inf.stats
+            rate = "n/a" if st["decode_tok_s"] is None else f"{st['decode_tok_s']:.2f}"
+            ttft = "n/a" if st["ttft_s"] is None else f"{st['ttft_s']:.3f}"
+            print(f"[stats] prompt_tokens={st['prompt_tokens']} new_tokens={st['new_tokens']} ttft_s={ttft} "
+                  f"decode_tok_s={rate} finish={inf.finish_reason}", file=sys.stderr, flush=True)
         answer += pending
         history.append({"role": "assistant", "content": answer.strip()})
         if seed is not None:

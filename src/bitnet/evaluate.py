@@ -115,22 +115,23 @@ def read_text(path, max_bytes: int | None = None) -> str:
 # --------------------------------------------------------------------------------------------- CLI
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import add_model_arguments
+
     p = subparsers.add_parser("eval", help="perplexity and bits per byte on held-out text",
                               description="Perplexity and bits per byte of a model on a text file "
                                           "(sliding windows). Prints a JSON object.")
-    p.add_argument("model", help="run folder, .safetensors file or state-dict .pth")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="text file, or a folder of .txt files")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: context // 2)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-bytes", type=int, default=None, help="evaluate only the first N bytes")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--pack", action="store_true", help="pack BitLinear weights to 2 bits (bitnet.pack)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import apply_threads
     from .generate import BitNetInference
 
     for name in ("context", "stride", "batch_size", "max_bytes"):
@@ -139,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.stride is not None and args.context is not None and args.stride > args.context:
         raise ValueError(f"--stride ({args.stride}) must not exceed --context ({args.context})")
+    from .loading import check_device
+
+    apply_threads(args)
+    check_device(args.device)                          # before reading the data: a bad device fails at once
     text = read_text(args.data, args.max_bytes)
     inf = BitNetInference(device=args.device, pack=args.pack).load_model(args.model)
     result = evaluate_text(inf.model, inf.tokenizer, text, args.context, args.stride, args.batch_size)

@@ -42,3 +42,24 @@ def test_chat_page_streams_the_same_answer_as_the_api(server):
             assert page.locator(".msg.error").count() == 0
         finally:
             browser.close()
+
+
+def test_chat_page_default_max_tokens_fits_the_context(server):
+    """The page caps its default answer length at half the context that /v1/models reports (a 128-token model
+    cannot take the old fixed 200): here context 256 -> 128, and the first message then succeeds."""
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        except Exception as e:  # chromium present but unusable (e.g. missing libraries)
+            pytest.skip(f"chromium does not start: {e}")
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#max_tokens[data-fitted='true']", timeout=30_000)
+            assert page.input_value("#max_tokens") == str(min(200, server.engine.context // 2))
+            page.fill("#input", "Hello")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+            assert page.locator(".msg.error").count() == 0
+        finally:
+            browser.close()

@@ -1,7 +1,7 @@
 """``BitNetInference``: load a checkpoint, generate text from a prompt (the tutorial-style entry point).
 
     inf = BitNetInference()                  # device=None: cuda, else mps, else cpu
-    inf.load_model("runs/kjv")               # run folder, .safetensors or a state-dict .pth
+    inf.load_model("runs/kjv")               # anything bitnet.load accepts (run folder, HF folder, hub id, .gguf)
     print(inf.generate("The dog jumped over the ", 512))   # continuation text only
     for piece in inf.stream("In the beginning", 200):
         print(piece, end="", flush=True)
@@ -9,14 +9,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..io import read_tokenizer, resolve_device
 from ..tokenizer import ByteTokenizer
 from .loop import stream_generate
+
+
+DEFAULT_SAMPLING = dict(temperature=0.8, top_k=None, top_p=0.95, repetition_penalty=1.0)
+"""Sampling defaults when neither the caller nor the checkpoint's generation_config.json set a value."""
 
 
 class BitNetInference:
@@ -26,28 +30,45 @@ class BitNetInference:
         model: an already built model (optional; else call :meth:`load_model`).
         tokenizer: object with ``encode``/``decode``/``vocab_size`` (default: the checkpoint's
             tokenizer, else :class:`~bitnet.tokenizer.ByteTokenizer`).
-        device: ``None``/``"auto"`` (cuda, mps, cpu), or an explicit device.
-        pack: convert BitLinear layers to the packed 2-bit inference form with ``bitnet.pack`` after
-            loading. Raises RuntimeError if this installation has no ``bitnet.pack``.
+        device: ``None``/``"auto"`` (cuda, mps, cpu), or an explicit device; one whose backend this
+            torch lacks is a ValueError.
+        pack: convert BitLinear layers to the packed 2-bit inference form (int8 head; default False:
+            keep fp weights). ``None``: :meth:`load_model` packs on the CPU only, as the ``bitnet``
+            commands do (see :func:`bitnet.load`); a ``model`` passed in is then left as it is.
+            Official BitNet and GGUF checkpoints are ternary and always load packed.
         temperature, top_k, top_p, repetition_penalty: default sampling settings of
-            :meth:`generate` / :meth:`stream` (each call may override them).
+            :meth:`generate` / :meth:`stream` (each call may override them). ``None``: the checkpoint's
+            ``generation_config.json``, else :data:`DEFAULT_SAMPLING`.
         context_overflow: ``"shift"`` (default: a sliding window lets the text outgrow the model's
             ``max_seq_len``) or ``"stop"`` (end at ``max_seq_len``); see
             :data:`bitnet.generate.loop.CONTEXT_OVERFLOW`. Per call overridable too.
+
+    After :meth:`load_model`, ``self.loaded`` is the :class:`bitnet.loading.LoadedModel` (chat template,
+    stop ids, generation defaults, context length, display name).
     """
 
-    def __init__(self, model: nn.Module | None = None, tokenizer=None, device=None, pack: bool = False,
-                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
-                 repetition_penalty: float = 1.0, context_overflow: str = "shift"):
-        self.device = resolve_device(device)
+    def __init__(self, model: nn.Module | None = None, tokenizer=None, device=None, pack: bool | None = False,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, context_overflow: str = "shift"):
+        from ..loading import check_device
+
+        self.device = check_device(device)
         self.tokenizer = tokenizer
         self.pack = pack
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, context_overflow=context_overflow)
+        self._asked = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        self.context_overflow = context_overflow
+        self.sampling = self._sampling({})
         self.finish_reason: str | None = None
+        self.stats: dict = {}
+        self.loaded = None
+        self.stop_ids: tuple[int, ...] | None = None
         self._model = None
         if model is not None:
-            self._set_model(model, pack)
+            self._set_model(model, bool(pack))
+
+    def _sampling(self, checkpoint: dict) -> dict:
+        out = {k: (v if v is not None else checkpoint.get(k, DEFAULT_SAMPLING[k])) for k, v in self._asked.items()}
+        return {**out, "context_overflow": self.context_overflow}
 
     @property
     def model(self) -> nn.Module:
@@ -70,44 +91,59 @@ class BitNetInference:
             self.tokenizer = ByteTokenizer()
 
     def load_model(self, path, pack: bool | None = None, **kwargs) -> "BitNetInference":
-        """Load a checkpoint (see :func:`bitnet.io.load_model`; ``kwargs`` go there) and its tokenizer."""
-        from ..io import load_model
+        """Load any MODEL :func:`bitnet.load` accepts (``kwargs`` go there) with its tokenizer, stop ids and
+        generation defaults."""
+        from ..loading import load
 
-        model = load_model(path, device=self.device, **kwargs)
+        pack = self.pack if pack is None else pack
+        loaded = load(path, device=self.device, pack=pack, **kwargs)
+        self.loaded = loaded
         if self.tokenizer is None:
-            try:
-                self.tokenizer = read_tokenizer(path)
-            except FileNotFoundError:
-                self.tokenizer = ByteTokenizer()
-        self._set_model(model, self.pack if pack is None else pack)
+            self.tokenizer = loaded.require_tokenizer()
+        self.stop_ids = loaded.stop_ids
+        self.sampling = self._sampling(loaded.generation)
+        self._model = loaded.model
         return self
 
-    def _ids(self, prompt) -> list[int]:
+    def _ids(self, prompt, special_tokens: bool = True) -> list[int]:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("prompt must be a non-empty string")
-        ids = self.tokenizer.encode(prompt)
+        encode = getattr(self.tokenizer, "encode_prompt", None) if special_tokens else None
+        ids = encode(prompt) if encode is not None else self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("prompt encodes to no tokens")
         return ids
 
+    def default_stop(self) -> tuple[int, ...]:
+        """Stop ids used when a call gives none: the checkpoint's (eos and end-of-turn), else the
+        tokenizer's ``eos_id``."""
+        from ..loading import stop_token_ids
+
+        return tuple(self.stop_ids) if self.stop_ids else stop_token_ids(self.tokenizer)
+
     def stream(self, prompt: str, max_new_tokens: int = 256, *, stop: Iterable[int] | None = None,
-               seed: int | None = None, **sampling) -> Iterator[str]:
+               seed: int | None = None, special_tokens: bool = True, **sampling) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece (complete characters only).
 
-        ``stop`` is a list of token ids (default: the tokenizer's ``eos_id`` if it has one).
-        ``self.finish_reason`` is set when the iterator is exhausted.
+        ``stop`` is a list of token ids (default :meth:`default_stop`). ``special_tokens=False`` encodes
+        the prompt as it is (a rendered chat template carries its own BOS); by default a plain prompt
+        gets what the tokenizer adds to one (Llama 3's ``<|begin_of_text|>``). ``self.finish_reason`` is
+        set when the iterator is exhausted, and ``self.stats`` to ``{"prompt_tokens", "new_tokens",
+        "ttft_s" (prompt in -> first new token), "decode_tok_s" (tokens after the first per second)}``.
         """
-        ids = self._ids(prompt)
+        ids = self._ids(prompt, special_tokens)
         settings = {**self.sampling, **sampling}
-        if stop is None:
-            eos = getattr(self.tokenizer, "eos_id", None)
-            stop = () if eos is None else (eos,)
+        stop = self.default_stop() if stop is None else stop
+        start = time.perf_counter()
         tokens = stream_generate(self.model, ids, max_new_tokens, stop_tokens=stop, seed=seed, **settings)
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         self.finish_reason = None
+        stamps: list[float] = []
+        self.stats = {"prompt_tokens": len(ids), "new_tokens": 0, "ttft_s": None, "decode_tok_s": None}
         for tok in tokens:
+            stamps.append(time.perf_counter())
             piece = decoder.feed(tok)
             if piece:
                 yield piece
@@ -115,6 +151,9 @@ class BitNetInference:
         if tail:
             yield tail
         self.finish_reason = tokens.finish_reason
+        if stamps:
+            decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else None
+            self.stats.update(new_tokens=len(stamps), ttft_s=stamps[0] - start, decode_tok_s=decode)
 
     def generate(self, prompt: str, max_new_tokens: int = 256, *, include_prompt: bool = False,
                  stop: Iterable[int] | None = None, seed: int | None = None, **sampling) -> str:

@@ -56,6 +56,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.ffn = BitFeedForward(dim, dim, ff_mult, post_act_ln=True, dropout=dropout, glu=True,
                                   activation=activation, weights=weights, bits=bits, linear_norm=False)
+        if self.ffn.post_norm is not None:       # the FFN sub-norm takes the model's eps like every other norm
+            self.ffn.post_norm.eps = norm_eps
 
     def spec(self) -> BlockSpec:
         """:meth:`forward` as data (eval mode), for the fused native block."""
@@ -156,7 +158,7 @@ class BitNetTransformer(nn.Module):
                    static: bool = False) -> list[KVCache]:
         """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens
         (``static``: fixed-shape decode steps for capture, see :class:`bitnet.nn.KVCache`)."""
-        param = self.embed.weight
+        param = self.norm.weight                  # compute dtype (the embedding table may be stored in 16 bits)
         attn = self.layers[0].attn
         return [
             KVCache(batch, attn.kv_heads, max_len or self.max_seq_len, attn.head_dim,
@@ -186,6 +188,8 @@ class BitNetTransformer(nn.Module):
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
         x = self.embed(tokens)                                              # (B, T, dim)
+        if x.dtype != self.norm.weight.dtype:       # 16-bit table of the packed form: rows back to fp32
+            x = x.to(self.norm.weight.dtype)
         stacked = fused_block.run_native_stack(self.layers, x, caches, start_pos)   # packed, CPU: all blocks
         if stacked is not None:
             x = stacked

@@ -1,6 +1,6 @@
 """Serving: the continuous-batching :class:`Engine` and an OpenAI-compatible HTTP API (``bitnet serve``).
 
-The HTTP part needs FastAPI and uvicorn (``pip install 'bitnet[serve]'``); the engine needs only torch.
+The HTTP part needs FastAPI and uvicorn (``pip install ".[serve]"`` from a clone); the engine needs only torch.
 """
 
 from .engine import Engine, EngineDeadError, QueueFullError, Request, SamplingParams, collect

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from fastapi import Request as HTTPRequest
 
-from ..chat import format_chat
+from ..chat import format_chat, stop_token_ids
 from .body import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, check_content_type, has_surrogate as _has_surrogate,
                    parse_object, read_body)
 from .engine import SEED_MAX, SEED_MIN, Engine, EngineDeadError, QueueFullError, Request, SamplingParams
@@ -413,8 +413,7 @@ def create_app(engine: Engine, model_name: str = "bitnet", owns_engine: bool = T
         ids = tokenizer.encode(prompt)
         params = sampling_from(body, len(ids), engine.context, "messages")
         params.stop = list(params.stop) + [s for s in stops if s not in params.stop]
-        eos = getattr(tokenizer, "eos_id", None)
-        params.stop_token_ids = () if eos is None else (eos,)
+        params.stop_token_ids = stop_token_ids(tokenizer)         # eos and the chat template's end of turn
         return ids, params, stream, _stream_options(body, stream)
 
     def prepare_completion(raw: bytes):

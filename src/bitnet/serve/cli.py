@@ -6,22 +6,21 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_model_arguments
+
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, chat page at /)",
         description="Serve a model over HTTP with continuous batching. Needs the 'serve' extra: "
-                    "pip install 'bitnet[serve]'.")
-    p.add_argument("model", help="run folder, .safetensors file or state-dict .pth")
+                    "pip install '.[serve]' (from a clone).")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
-    p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the checkpoint name)")
+    p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder or file name, or the Hub id)")
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's max_seq_len)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--pack", action="store_true", help="pack BitLinear weights to 2 bits (bitnet.pack)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request body accepted; larger ones get HTTP 413 (default 16 MiB)")
@@ -35,19 +34,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import apply_threads
+
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise ValueError(f"bitnet serve needs FastAPI and uvicorn: pip install 'bitnet[serve]' ({e})") from None
+        raise ValueError(f"bitnet serve needs FastAPI and uvicorn: pip install \".[serve]\" from a clone ({e})") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):

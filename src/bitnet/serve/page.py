@@ -41,6 +41,17 @@ const input = document.getElementById("input"), sendBtn = document.getElementByI
 const stopBtn = document.getElementById("stop"), statusEl = document.getElementById("status");
 let history = [], controller = null;
 
+// The default answer length must fit the model's context (a 128-token model cannot take 200 new tokens):
+// half the context, at most 200, from what /v1/models reports.
+fetch("/v1/models").then(r => r.json()).then(info => {
+  const ctx = info.data && info.data[0] && info.data[0].context_length;
+  if (!ctx) return;
+  const box = document.getElementById("max_tokens");
+  box.max = String(ctx - 1);
+  box.value = String(Math.max(1, Math.min(parseInt(box.value, 10), Math.floor(ctx / 2))));
+  box.dataset.fitted = "true";
+}).catch(() => {});
+
 function add(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;

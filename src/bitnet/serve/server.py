@@ -12,8 +12,10 @@ from .protocol import DEFAULT_HEADER_TIMEOUT, header_timeout_protocol
 
 
 def load_engine(model_path, *, slots: int = 8, max_queue: int = 64, context: int | None = None,
-                device=None, pack: bool = False) -> Engine:
-    """An :class:`Engine` (not started) around the checkpoint at ``model_path`` and its tokenizer."""
+                device=None, pack: bool | None = None) -> Engine:
+    """An :class:`Engine` (not started) around the model at ``model_path`` (anything :func:`bitnet.load`
+    accepts; packed on the CPU unless ``pack=False``) and its tokenizer, which carries the chat template
+    and stop ids."""
     from ..generate import BitNetInference
 
     inf = BitNetInference(device=device, pack=pack).load_model(model_path)
@@ -21,8 +23,11 @@ def load_engine(model_path, *, slots: int = 8, max_queue: int = 64, context: int
 
 
 def default_model_name(model_path) -> str:
+    """The id ``/v1/models`` reports: a file's stem, a folder's name, or a Hub id as given."""
     p = Path(model_path)
-    return p.stem if p.suffix else p.name
+    if not p.exists():
+        return str(model_path)
+    return p.stem if p.is_file() else p.resolve().name
 
 
 def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",

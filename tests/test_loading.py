@@ -307,17 +307,6 @@ def test_gguf_dispatch(tmp_path):
         assert torch.equal(loaded.model(ids), direct.eval()(ids))
 
 
-def test_gguf_without_the_importer_is_a_clear_error(tmp_path):
-    try:
-        import bitnet.convert.gguf_import  # noqa: F401
-        pytest.skip("bitnet.convert.gguf_import is present on this branch")
-    except ImportError:
-        pass
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ModelFormatError, match="gguf_import"):
-        load(tmp_path / "m.gguf")
-
-
 def test_int8_head_in_row_blocks_equals_the_whole_table_quantisation():
     from bitnet.loading import int8_head
     from bitnet.nn.int8_linear import Int8Linear

@@ -442,12 +442,12 @@ def _load_bitllama(folder: Path, pack: bool) -> nn.Module:
 
 
 def _load_gguf(path: Path):
+    from .convert.gguf_import import load_gguf
+
     try:
-        from .convert.gguf_import import load_gguf
-    except ImportError as e:
-        raise ModelFormatError(f"cannot load {path}: reading GGUF files needs bitnet.convert.gguf_import "
-                               f"and the gguf package (pip install gguf) ({e})") from None
-    return load_gguf(str(path))
+        return load_gguf(str(path))
+    except ImportError as e:             # the gguf package (the hf extra) is not installed
+        raise ModelFormatError(f"cannot load {path}: {e}") from None
 
 
 def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bool = True,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_sampling_args(**sampling_kwargs(args))   # the flags given, before any output (unset: checkpoint defaults)
     check_seed(args.seed)
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     apply_threads(args)
     prompt = args.prompt

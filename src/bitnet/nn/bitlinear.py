@@ -29,6 +29,8 @@ Two implementations of the same math live here:
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import threading
 import weakref
@@ -114,6 +116,10 @@ def _fake_quant_act_values(x: torch.Tensor, bits: int, strength: float) -> torch
     return xs.view(x.shape)
 
 
+# accumulation dtype of RMSNorm's mean(x^2) per device type (see bitnet.nn.norm.RMSNorm.forward)
+_NORM_ACC = collections.defaultdict(lambda: torch.float64, mps=torch.float32)
+
+
 def _norm_quant_forward(x2: torch.Tensor, weight: torch.Tensor | None, eps: float, bits: int, strength: float):
     """RMSNorm (as :class:`RMSNorm` computes it) then the activation fake quantiser, per row chunk.
 
@@ -125,7 +131,9 @@ def _norm_quant_forward(x2: torch.Tensor, weight: torch.Tensor | None, eps: floa
     buf = torch.empty(chunks[0][1] - chunks[0][0] if chunks else 0, x2.shape[1], dtype=x2.dtype, device=x2.device)
     for a, b in chunks:
         xc, t = x2[a:b], buf[:b - a]
-        torch.rsqrt(torch.pow(xc, 2, out=t).mean(dim=-1, keepdim=True) + eps, out=r[a:b])   # 1 / rms
+        # 1 / rms as RMSNorm computes it: mean(x^2) summed in float64, then rounded to float32
+        ms = torch.linalg.vector_norm(xc, dim=-1, keepdim=True, dtype=_NORM_ACC[xc.device.type]).square()
+        torch.rsqrt((ms / x2.shape[1]).float() + eps, out=r[a:b])
         y = torch.mul(xc, r[a:b], out=t)                            # x / rms
         if weight is not None:
             y = torch.mul(y, weight, out=y)                         # * g  (not y.mul_(g): slow on CPU)

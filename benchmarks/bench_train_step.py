@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import copy
 import math
-import platform
 import statistics
 import time
 
@@ -35,18 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet import BitNetTransformer, replace_linears_in_hf
+from bitnet.bench import cpu_model
 from bitnet.nn.bitlinear import fused_bitlinear
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Block(nn.Module):

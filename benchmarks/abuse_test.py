@@ -28,8 +28,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import classify, one_request, percentile, random_model, served_model, start_server  # noqa: E402
+from load_test import (classify, one_request, percentile, random_model, served_model, start_server,  # noqa: E402
+                       stop_server)
 
 JSON = {"content-type": "application/json"}
 
@@ -335,14 +334,7 @@ def main(argv=None):
         print("checks:", "ok" if ok else "FAILED (see above)")
         return 0 if ok else 1
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if tmp is not None:
-            tmp.cleanup()
+        stop_server(proc, tmp)
 
 
 if __name__ == "__main__":

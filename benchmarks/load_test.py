@@ -181,6 +181,18 @@ def start_server(model, args, extra=()):
             time.sleep(0.3)
 
 
+def stop_server(proc, tmp=None) -> None:
+    """SIGTERM the server started by :func:`start_server` (kill it after 30 s), then remove ``tmp``."""
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if tmp is not None:
+        tmp.cleanup()
+
+
 def random_model(args, folder):
     import torch
 
@@ -260,14 +272,7 @@ def main(argv=None):
         print("checks:", "ok (nothing lost or mixed)" if ok else "FAILED (see errors / lost / mixed above)")
         return 0 if ok else 1
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if tmp is not None:
-            tmp.cleanup()
+        stop_server(proc, tmp)
 
 
 if __name__ == "__main__":

@@ -583,6 +583,19 @@ def resolve_checkpoint(path) -> tuple[Path, Path | None]:
 _OBJECT_FIELDS = ("model_config", "train_state", "train_config", "files", "checkpoint")
 
 
+def read_json_object(path) -> dict:
+    """The JSON object in ``path``; CheckpointError naming the file when it is unreadable, not JSON, or
+    not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:          # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"corrupt JSON in {path}: {first_line(e)}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_config(path) -> dict:
     """The config.json of a run folder (or beside a checkpoint file); FileNotFoundError if none.
 
@@ -594,12 +607,7 @@ def read_config(path) -> dict:
         recover_checkpoint(cfg.parent)
     if not cfg.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} found for {path}")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt JSON in {cfg}: {first_line(e)}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg} must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(cfg)
     for field in _OBJECT_FIELDS:
         if field in data and not isinstance(data[field], dict):
             raise CheckpointError(f"{cfg}: {field} must be a JSON object, got {short_repr(data[field])}")

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import CheckpointError, STATE_DICT_SUFFIXES
+from .io import CheckpointError, STATE_DICT_SUFFIXES, read_json_object
 from .tokenizer import HFTokenizer
 
 ACCEPTED_FORMATS = (
@@ -136,16 +136,6 @@ def check_device(device) -> torch.device:
 
 # --------------------------------------------------------------------------------------------- format detection
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
 def detect_format(path: Path) -> str:
     """``"gguf"``, ``"hf-bitnet"``, ``"bitllama"`` or ``"bitnet"`` for an existing ``path``; else
     :class:`ModelFormatError` naming the path and the accepted formats."""
@@ -157,7 +147,7 @@ def detect_format(path: Path) -> str:
         raise ModelFormatError(unknown_format_message(path, f"{path.suffix or 'no suffix'!s} is not a model file"))
     config = path / "config.json"
     if config.is_file():
-        cfg = _read_json(config)
+        cfg = read_json_object(config)
         if cfg.get("format") == "bitnet":
             return "bitnet"
         model_type = cfg.get("model_type")
@@ -305,7 +295,7 @@ def generation_defaults(folder: Path | None) -> tuple[dict, dict]:
     """(sampling defaults, raw generation_config.json) of a checkpoint folder; empty when none."""
     if folder is None or not (folder / "generation_config.json").is_file():
         return {}, {}
-    raw = _read_json(folder / "generation_config.json")
+    raw = read_json_object(folder / "generation_config.json")
     out = {k: raw[k] for k in GENERATION_KEYS if raw.get(k) is not None}
     if raw.get("do_sample") is False:
         out["temperature"] = 0.0
@@ -321,7 +311,7 @@ def mapped_tensor(folder: Path, key: str) -> torch.Tensor | None:
     (no bytes read until used), or None when it is not stored in 16 bits as one plain array."""
     index = folder / "model.safetensors.index.json"
     try:
-        fname = _read_json(index)["weight_map"][key] if index.is_file() else "model.safetensors"
+        fname = read_json_object(index)["weight_map"][key] if index.is_file() else "model.safetensors"
     except (KeyError, TypeError):
         return None
     path = folder / fname
@@ -493,7 +483,7 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
         if tokenizer is not None and not hasattr(tokenizer, "encode"):
             tokenizer = HFTokenizer(tokenizer)
     else:
-        config = _read_json(folder / "config.json")
+        config = read_json_object(folder / "config.json")
         tokenizer = load_hf_tokenizer(folder)
         if kind == "hf-bitnet":
             net = _load_hf_bitnet(folder)

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from bitnet.convert.pack import torch_threads  # noqa: E402
+from bitnet.runtime import torch_threads  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

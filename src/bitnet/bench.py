@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .quant import pack_i2
-from .convert.pack import native_decode, torch_threads
+from .runtime import native_decode, torch_threads
 
 BITNET_2B4T_SHAPES = ((2560, 2560), (640, 2560), (6912, 2560), (2560, 6912))
 """(N, K) of the linear layers of BitNet-b1.58-2B-4T: q/o, k/v, gate/up, down."""

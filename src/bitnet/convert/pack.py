@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from ..nn.bitlinear import BitLinear
 from ..nn.int8_linear import Int8Linear
 from ..nn.packed import PackedBitLinear
+from ..runtime import native_decode, torch_threads  # noqa: F401  (moved to bitnet.runtime; kept importable here)
 
 HEADS = ("int8", "fp")
 """Choices of ``pack(model, head=...)``."""
@@ -83,30 +83,3 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 def _is_head(model: nn.Module, module: nn.Module) -> bool:
     return module is getattr(model, "head", None) or module is getattr(model, "lm_head", None)
-
-
-def native_decode(model: nn.Module) -> bool:
-    """True when ``model`` is packed and on the CPU with the native backend doing its matmuls."""
-    from .. import ops
-
-    param = next(iter(model.buffers()), None)
-    on_cpu = param is None or param.device.type == "cpu"
-    return on_cpu and ops.backend("cpu") == "cpu" and is_packed(model)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``torch.set_num_threads(n)`` (no change for None), restoring the old count.
-
-    Decoding a packed model on the CPU, the native kernels (with their own thread pool) do the heavy
-    work; torch's intra-op threads then only add barrier waits around tiny ops (norms, rotary,
-    attention at batch 1) and compete with the kernel's threads: one torch thread is 1.5-3x faster there.
-    """
-    old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None and n != old:
-            torch.set_num_threads(old)

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..convert.pack import native_decode, torch_threads
+from ..runtime import native_decode, torch_threads
 from .sampling import NonFiniteLogitsError, check_sampling_args, check_seed, sample_next_token
 
 FINISH_REASONS = ("length", "stop", "max_seq_len")
@@ -136,7 +136,7 @@ def stream_generate(
 
     # Each model call runs in its own inference_mode block: a block spanning a ``yield`` would leave
     # grad mode switched off in the caller's code between tokens.
-    torch_threads_inside = 1 if native_decode(model) else None   # see bitnet.convert.pack.torch_threads
+    torch_threads_inside = 1 if native_decode(model) else None   # see bitnet.runtime.torch_threads
     last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}   # prefill: one row of logits
 
     @torch.inference_mode()

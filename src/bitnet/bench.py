@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from . import ops
 from .quant import pack_i2
-from .runtime import native_decode, torch_threads
 
 BITNET_2B4T_SHAPES = ((2560, 2560), (640, 2560), (6912, 2560), (2560, 6912))
 """(N, K) of the linear layers of BitNet-b1.58-2B-4T: q/o, k/v, gate/up, down."""
@@ -320,34 +319,31 @@ def decode_bytes_per_token(model: torch.nn.Module, context: int) -> dict:
     return {"weights": weights, "kv": kv, "total": weights + kv, "resident": wb["total"]}
 
 
-@torch.no_grad()
 def time_decode(model: torch.nn.Module, steps: int = 8, prompt_len: int = 16, prefill_len: int = 128,
                 seed: int = 0) -> dict:
-    """Batch-1 decode and prefill times of ``model``: prefill ``prompt_len`` tokens, then ``steps`` one-token
-    steps (each timed); separately a ``prefill_len``-token prefill (fastest of 2 if quick). Seconds."""
-    with torch_threads(1 if native_decode(model) else None):
-        return _time_decode(model, steps, prompt_len, prefill_len, seed)
+    """Batch-1 decode and prefill times of ``model`` through :class:`bitnet.generate.Decoder` (as generation
+    runs it): prefill ``prompt_len`` tokens, then ``steps`` one-token steps (each timed); separately a
+    ``prefill_len``-token prefill (fastest of 2 if quick). Seconds."""
+    from .generate.decoder import Decoder
 
-
-def _time_decode(model, steps, prompt_len, prefill_len, seed) -> dict:
     g = torch.Generator().manual_seed(seed)
     n = model.num_tokens
-    prompt = torch.randint(0, n, (1, prompt_len), generator=g)
-    caches = model.new_caches(1, prompt_len + steps + 1)
-    model(prompt, caches=caches, start_pos=0)
-    tok = torch.randint(0, n, (1, 1), generator=g)
+    dec = Decoder(model, 1, prompt_len + steps + 1)
+    dec.prefill(torch.randint(0, n, (prompt_len,), generator=g))
+    tok = int(torch.randint(0, n, (1,), generator=g))
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
-        model(tok, caches=caches, start_pos=prompt_len + i)
+        dec.step([tok])
         times.append(time.perf_counter() - t0)
     prefill = []
     if prefill_len:
-        long = torch.randint(0, n, (1, prefill_len), generator=g)
+        long = torch.randint(0, n, (prefill_len,), generator=g)
+        dec = Decoder(model, 1, prefill_len)
         for _ in range(2):
-            c = model.new_caches(1, prefill_len)
+            dec.reset()
             t0 = time.perf_counter()
-            model(long, caches=c, start_pos=0, logits_to_keep=1)          # as generation does
+            dec.prefill(long)                                             # last row of logits, as generation
             prefill.append(time.perf_counter() - t0)
             if prefill[-1] > 5:
                 break

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loop import model_device
+from .decoder import Decoder
 
 
 def default_mode(device: torch.device) -> Optional[str]:
@@ -47,21 +47,18 @@ class CapturedDecoder(nn.Module):
         max_len = int(max_len or model.max_seq_len)
         if not 1 <= max_len <= model.max_seq_len:
             raise ValueError(f"max_len must lie in [1, {model.max_seq_len}] (the model's max_seq_len), got {max_len}")
-        self.model = model.eval()
+        self.decoder = Decoder(model, rows=batch, max_len=max_len, static=True)   # caches, prefill, threads
+        self.model = self.decoder.model
         self.batch, self.max_len = batch, max_len
-        device = model_device(model)
-        self.caches = nn.ModuleList(model.new_caches(batch, max_len, static=True))   # buffers: static addresses
-        self.register_buffer("positions", torch.zeros(batch, dtype=torch.int64, device=device), persistent=False)
-        step = self._step
+        self.caches = nn.ModuleList(self.decoder.caches)          # buffers: static addresses
+        self.register_buffer("positions", torch.zeros(batch, dtype=torch.int64, device=self.decoder.device),
+                             persistent=False)
+        step = self.decoder.forward_rows                          # tokens (B, 1), positions (B,) -> (B, vocab)
         if compile:
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend,
-                                 mode=mode if mode is not None else default_mode(device))
+                                 mode=mode if mode is not None else default_mode(self.decoder.device))
         self._compiled = step
         self._next = 0
-
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # tokens (B, 1) at per-row positions (B,) -> logits (B, vocab)
-        return self.model(tokens, caches=list(self.caches), start_pos=positions)[:, -1]
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,7 +67,7 @@ class CapturedDecoder(nn.Module):
             raise ValueError(f"tokens must have shape ({self.batch}, T), got {tuple(tokens.shape)}")
         if tokens.shape[1] >= self.max_len:
             raise ValueError(f"a prompt of {tokens.shape[1]} tokens leaves no room in max_len={self.max_len}")
-        logits = self.model(tokens, caches=list(self.caches), start_pos=0, logits_to_keep=1)[:, -1]
+        logits = self.decoder.prefill_all(tokens)
         self.positions.fill_(tokens.shape[1])
         self._next = tokens.shape[1]                 # host copy of the (equal) positions: no device sync
         return logits

@@ -7,12 +7,12 @@ packed inference form.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .decoder import Decoder, accepts_logits_to_keep, model_device  # noqa: F401  (re-exported)
 from ..runtime import native_decode, torch_threads
 from .sampling import NonFiniteLogitsError, check_sampling_args, check_seed, sample_next_token
 
@@ -25,22 +25,6 @@ CONTEXT_OVERFLOW = ("stop", "shift")
 (finish_reason ``max_seq_len``); ``"shift"`` keeps going on a sliding window: the last
 ``max_seq_len // 2`` tokens are re-encoded at positions 0.. into fresh caches (llama.cpp's context
 shift), so text can be longer than the context the model was trained on."""
-
-
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (computing the head for the last positions only)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _prompt_tensor(prompt_ids, num_tokens: int | None, device) -> torch.Tensor:
@@ -132,33 +116,34 @@ def stream_generate(
     keep = max(1, max_seq_len // 2)                     # tokens kept in the window after a shift
     seq = torch.empty(n_prompt + budget, dtype=torch.int64, device=device)       # prompt + generated
     seq[:n_prompt] = prompt
-    state = {"start": 0, "caches": None, "filled": 0}   # window start in seq; tokens in the caches
+    state = {"start": 0, "decoder": None}              # window start in seq; the Decoder, once made
+
+    def decoder() -> Decoder:
+        if state["decoder"] is None:                    # sized for the whole run: a shift reuses it
+            state["decoder"] = Decoder(model, 1, min(max_seq_len, n_prompt + budget - state["start"]))
+        return state["decoder"]
 
     # Each model call runs in its own inference_mode block: a block spanning a ``yield`` would leave
     # grad mode switched off in the caller's code between tokens.
-    torch_threads_inside = 1 if native_decode(model) else None   # see bitnet.runtime.torch_threads
-    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}   # prefill: one row of logits
-
     @torch.inference_mode()
     def next_token(pos: int) -> int:
         """Sample the token at ``pos`` given seq[:pos]; the model sees the window seq[start:pos]."""
-        with torch_threads(torch_threads_inside):
-            return _next_token(pos)
-
-    def _next_token(pos: int) -> int:
         if pos - state["start"] > max_seq_len:          # window full: keep the last ``keep`` tokens
-            state["start"], state["caches"], state["filled"] = pos - keep, None, 0
+            state["start"] = pos - keep
+            decoder().reset()
         start = state["start"]
         if not use_cache:
-            logits = model(seq[None, start:pos])
+            with torch_threads(1 if native_decode(model) else None):      # the Decoder's thread policy
+                logits = model(seq[None, start:pos])[0, -1]
         else:
-            if state["caches"] is None:                 # prefill (the prompt, or the shifted window)
-                state["caches"] = model.new_caches(1, min(max_seq_len, n_prompt + budget - start))
-            filled = state["filled"]                    # seq[start:start+filled] are in the caches
-            logits = model(seq[None, start + filled:pos], caches=state["caches"], start_pos=filled, **last_only)
-            state["filled"] = pos - start
+            dec = decoder()
+            filled = dec.positions[0]                   # seq[start:start+filled] are in the caches
+            if pos - start - filled == 1:
+                logits = dec.step([int(seq[pos - 1])])[0]
+            else:                                       # prefill: the prompt, or the shifted window
+                logits = dec.prefill(seq[start + filled:pos])
         try:
-            tok = sample_next_token(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
+            tok = sample_next_token(logits[None], temperature, top_k, top_p, repetition_penalty,
                                     previous=seq[None, :pos], generator=generator)     # logits (1, vocab)
         except NonFiniteLogitsError as e:
             raise NonFiniteLogitsError(f"generating token {pos - n_prompt + 1} (position {pos}): {e}") from None

@@ -1,13 +1,11 @@
 """Continuous batching: one background thread decodes every active request together.
 
-The engine owns a fixed number of *slots*, one row each of a batch KV cache
-(``model.new_caches(slots, context)``). A new request waits in a bounded queue until a slot is
-free, then its prompt is prefilled into that row alone (``[c.row(i) for c in caches]``). Every step
-then runs ONE forward over slots ``0..n-1`` (n = highest busy slot + 1) with one new token per row
-and per-row positions (a LongTensor ``start_pos`` of shape (n,)), and each row samples its next
-token with its own settings and its own ``torch.Generator``. Free rows inside ``0..n-1`` carry a
-dummy token at position 0; their cache row is overwritten by the next prefill. A finished or
-cancelled request frees its slot at the start of the next step.
+The engine owns a fixed number of *slots*, the rows of one :class:`bitnet.generate.Decoder`
+(``Decoder(model, rows=slots, max_len=context)``). A new request waits in a bounded queue until a
+slot is free, then its prompt is prefilled into that row alone (``decoder.prefill(prompt, row)``).
+Every step then runs ONE forward over the busy rows (``decoder.step(tokens, rows)``: one new token
+per row at per-row positions), and each row samples its next token with its own settings and its
+own ``torch.Generator``. A finished or cancelled request frees its slot at the start of the next step.
 
 Results leave the engine through each request's ``emit`` callback (called from the engine thread):
 ``("text", piece)`` for every piece of complete text, then exactly one ``("done", finish_reason)``
@@ -32,9 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..generate.loop import accepts_logits_to_keep, model_device
+from ..generate.decoder import Decoder
 from ..generate.sampling import check_sampling_args, sample_next_token
-from ..nn.attention import KVCache
 
 
 log = logging.getLogger("bitnet.serve")
@@ -157,12 +154,10 @@ class Engine:
             raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
         self.stall_timeout = float(stall_timeout)
         self.model = model.eval()
-        self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self.tokenizer = tokenizer
         self.slots, self.max_queue, self.context = slots, max_queue, context
-        self.device = model_device(model)
-        self.caches = model.new_caches(slots, context)
-        self._views: dict[int, list[KVCache]] = {}
+        self.decoder = Decoder(self.model, rows=slots, max_len=context)   # the caches, prefill/step, threads
+        self.device = self.decoder.device
         self._active: list[_Active | None] = [None] * slots
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -260,13 +255,6 @@ class Engine:
             if a is None:
                 return i
         return None
-
-    def _view(self, n: int) -> list[KVCache]:
-        """Caches of batch ``n`` sharing rows ``0..n-1`` of the slot caches."""
-        if n not in self._views:
-            self._views[n] = [KVCache(n, c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k[:n], c.v[:n]))
-                              for c in self.caches]
-        return self._views[n]
 
     def _run(self) -> None:
         failures = 0
@@ -398,28 +386,21 @@ class Engine:
 
     def _prefill(self, group: list[_Active]) -> None:
         a = group[0]
-        ids = torch.tensor([a.req.prompt_ids], dtype=torch.int64, device=self.device)       # (1, T)
-        logits = self.model(ids, [c.row(a.req.slot) for c in self.caches], 0, **self._last_only)[:, -1]  # (1, V)
-        self._accept(a, self._sample(a, logits))
+        self.decoder.reset(a.req.slot)
+        logits = self.decoder.prefill(a.req.prompt_ids, row=a.req.slot)                    # (V,)
+        self._accept(a, self._sample(a, logits[None]))
 
     def _decode(self, group: list[_Active]) -> None:
         live = [a for a in group if a.last is not None]
-        n = max(a.req.slot for a in live) + 1
-        tokens = torch.zeros(n, 1, dtype=torch.int64)                                        # (n, 1)
-        pos = torch.zeros(n, dtype=torch.int64)                                              # (n,)
-        for a in live:
-            tokens[a.req.slot, 0] = a.last
-            pos[a.req.slot] = a.pos
-        logits = self.model(tokens.to(self.device), self._view(n), pos.to(self.device))[:, -1]   # (n, V)
+        logits = self.decoder.step([a.last for a in live], rows=[a.req.slot for a in live])   # (len(live), V)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(live))
-        greedy = [a for a in live if a.greedy]
-        if greedy:
+        if any(a.greedy for a in live):
             best = logits.argmax(dim=-1).tolist()
-        for a in live:                     # sampling and text are per request: a failure ends that row only
+        for i, a in enumerate(live):       # sampling and text are per request: a failure ends that row only
             try:
                 a.pos += 1
-                tok = best[a.req.slot] if a.greedy else self._sample(a, logits[a.req.slot:a.req.slot + 1])
+                tok = best[i] if a.greedy else self._sample(a, logits[i:i + 1])
                 self._accept(a, tok)
             except Exception as e:
                 log.exception("request %d failed in a decode step", a.req.id)

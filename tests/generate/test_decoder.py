@@ -1,0 +1,156 @@
+"""Decoder: the one prefill / batched-step object behind generation, the server engine, the captured
+decoder and the decode benchmarks. Its results must equal a full uncached forward, a row's results must
+not depend on the other rows of its batch, and it applies the thread policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitnet
+from bitnet.generate import Decoder, generate
+from bitnet.models import BitNetTransformer
+from bitnet.models import fused_block
+from bitnet.runtime import torch_threads
+from bitnet.serve.engine import Engine, SamplingParams, collect
+from bitnet.tokenizer import ByteTokenizer
+
+
+def tiny(pack: bool, vocab: int = 61, max_seq_len: int = 48):
+    torch.manual_seed(0)
+    m = BitNetTransformer(num_tokens=vocab, dim=64, depth=2, heads=4, kv_heads=2, max_seq_len=max_seq_len).eval()
+    return bitnet.pack(m) if pack else m
+
+
+def full_logits(m, ids):
+    with torch.inference_mode():
+        return m(torch.tensor([ids]))[0]                                  # (T, vocab)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefill_then_steps_equal_the_uncached_forward(pack):
+    m = tiny(pack)
+    ids = torch.randint(0, 61, (20,)).tolist()
+    want = full_logits(m, ids)
+    dec = Decoder(m, rows=1, max_len=32)
+    got = [dec.prefill(ids[:7])]
+    for i in range(7, 20):
+        got.append(dec.step([ids[i]])[0])
+    got = torch.stack(got)
+    torch.testing.assert_close(got, want[6:], rtol=2e-4, atol=2e-4)
+    assert dec.positions == [20] and dec.room(0) == 12
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_prompt_fed_in_pieces_equals_one_prefill(pack):
+    m = tiny(pack)
+    ids = torch.randint(0, 61, (12,)).tolist()
+    one, pieces = Decoder(m, max_len=16), Decoder(m, max_len=16)
+    a = one.prefill(ids)
+    pieces.prefill(ids[:5])
+    b = pieces.prefill(ids[5:])
+    torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+def decode_alone(m, prompt, feed):
+    dec = Decoder(m, rows=1, max_len=32)
+    out = [dec.prefill(prompt)]
+    out += [dec.step([t])[0] for t in feed]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_rows_at_different_positions_decode_as_if_alone(pack):
+    """Three rows with prompts of 3, 9 and 5 tokens step together (row 1 joins late, row 2 rides along
+    unlisted for two steps): every row's logits equal the same row decoded on its own. On the packed
+    native path they are bit for bit equal (integer matmuls; per-row epilogue)."""
+    m = tiny(pack)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    feeds = [torch.randint(0, 61, (6,), generator=g).tolist() for _ in range(3)]
+    dec = Decoder(m, rows=3, max_len=32)
+    got = {r: [] for r in range(3)}
+    got[0].append(dec.prefill(prompts[0], row=0))
+    got[2].append(dec.prefill(prompts[2], row=2))
+    for i in range(2):                                   # row 2 unlisted: rides along, unchanged
+        got[0].append(dec.step([feeds[0][i]], rows=[0])[0])
+    got[1].append(dec.prefill(prompts[1], row=1))
+    for i in range(6):
+        rows = [r for r in (2, 0, 1) if len(got[r]) - 1 < 6]
+        toks = [feeds[r][len(got[r]) - 1] for r in rows]
+        logits = dec.step(toks, rows=rows)
+        for r, row_logits in zip(rows, logits):
+            got[r].append(row_logits)
+    for r in range(3):
+        want = decode_alone(m, prompts[r], feeds[r])
+        have = torch.stack(got[r][:7])
+        if pack and bitnet.ops.backend("cpu") == "cpu":
+            assert torch.equal(have, want), f"row {r} differs from the row decoded alone"
+        else:
+            torch.testing.assert_close(have, want, rtol=2e-4, atol=2e-4)
+
+
+def test_step_runs_one_native_forward_for_all_rows():
+    m = tiny(True)
+    if bitnet.ops.backend("cpu") != "cpu":
+        pytest.skip("native CPU backend not available")
+    dec = Decoder(m, rows=4, max_len=16)
+    for r in range(4):
+        dec.prefill([1 + r, 2], row=r)
+    before = fused_block.native_block_calls()
+    dec.step([5, 6, 7, 8], rows=[0, 1, 2, 3])
+    assert fused_block.native_block_calls() - before == len(m.layers)   # one block call per layer, not per row
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_thread_policy_one_torch_thread_beside_native_kernels(pack):
+    m = tiny(pack)
+    seen = []
+    hook = m.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    try:
+        dec = Decoder(m, rows=2, max_len=16)
+        with torch_threads(2):
+            dec.prefill([1, 2, 3], row=0)
+            dec.step([4], rows=[0])
+            assert torch.get_num_threads() == 2                          # restored after each call
+    finally:
+        hook.remove()
+    native = pack and bitnet.ops.backend("cpu") == "cpu"
+    assert dec.torch_threads == (1 if native else None)
+    assert seen and all(n == (1 if native else 2) for n in seen), seen
+
+
+def test_bad_arguments_name_what_is_allowed():
+    m = tiny(False, max_seq_len=8)
+    with pytest.raises(ValueError, match="rows must be an integer >= 1"):
+        Decoder(m, rows=0)
+    with pytest.raises(ValueError, match=r"max_len must be an integer in \[1, 8\]"):
+        Decoder(m, max_len=9)
+    dec = Decoder(m, rows=2, max_len=4)
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 1\]"):
+        dec.prefill([1], row=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        dec.prefill([], row=0)
+    with pytest.raises(ValueError, match="exceed max_len=4"):
+        dec.prefill([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="one token per row"):
+        dec.step([1, 2], rows=[0])
+    with pytest.raises(ValueError, match="distinct"):
+        dec.step([1, 2], rows=[1, 1])
+    dec.prefill([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="row 0 is full"):
+        dec.step([1], rows=[0])
+    dec.reset(0)
+    assert dec.positions == [0, 0]
+
+
+def test_generation_and_the_engine_run_through_the_decoder():
+    """The same greedy continuation from generate() (one row) and from the engine (a slot of a batch)."""
+    m = tiny(True, vocab=256, max_seq_len=48)
+    tok = ByteTokenizer()
+    prompt = tok.encode("abc")
+    want = generate(m, prompt, 10, temperature=0)
+    with Engine(m, tok, slots=3) as engine:
+        assert isinstance(engine.decoder, Decoder) and engine.decoder.rows == 3
+        req = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0))
+    assert req.output_ids == want

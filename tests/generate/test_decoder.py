@@ -154,3 +154,41 @@ def test_generation_and_the_engine_run_through_the_decoder():
         assert isinstance(engine.decoder, Decoder) and engine.decoder.rows == 3
         req = collect(engine, prompt, SamplingParams(max_tokens=10, temperature=0))
     assert req.output_ids == want
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefill_rows_equals_each_prompt_prefilled_alone(pack):
+    """Prompts of 3, 17, 9, 1 and 30 tokens into rows 4, 0, 2, 5, 1 in one right-padded forward: the
+    logits after each prompt, and of the next step, equal the prompt prefilled alone (bit for bit on the
+    packed native path), and the rows' positions are the prompt lengths."""
+    m = tiny(pack, max_seq_len=64)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 17, 9, 1, 30)]
+    rows = [4, 0, 2, 5, 1]
+    dec = Decoder(m, rows=6, max_len=64)
+    dec.prefill([9] * 40, row=0)                         # stale contents: prefill_rows starts rows afresh
+    before = fused_block.native_block_calls()
+    got = dec.prefill_rows(prompts, rows)
+    native = pack and bitnet.ops.backend("cpu") == "cpu"
+    if native:
+        assert fused_block.native_block_calls() - before == len(m.layers)   # one forward for all prompts
+    assert [dec.positions[r] for r in rows] == [3, 17, 9, 1, 30]
+    nxt = dec.step([7] * 5, rows=rows)
+    for i, p in enumerate(prompts):
+        alone = Decoder(m, 1, 64)
+        want = torch.stack([alone.prefill(p), alone.step([7])[0]])
+        have = torch.stack([got[i], nxt[i]])
+        if native:
+            assert torch.equal(have, want), f"prompt {i} differs from its prefill alone"
+        else:
+            torch.testing.assert_close(have, want, rtol=2e-4, atol=2e-4)
+
+
+def test_prefill_rows_rejects_bad_groups():
+    dec = Decoder(tiny(False, max_seq_len=8), rows=3, max_len=8)
+    with pytest.raises(ValueError, match="one prompt per distinct row"):
+        dec.prefill_rows([[1], [2]], [0, 0])
+    with pytest.raises(ValueError, match=r"1\.\.8 tokens"):
+        dec.prefill_rows([[1], []], [0, 1])
+    with pytest.raises(ValueError, match="logits_at must lie"):
+        dec.model(torch.zeros(2, 3, dtype=torch.int64), logits_at=torch.tensor([0, 3]))

@@ -133,3 +133,50 @@ def test_a_row_failing_in_a_decode_step_ends_alone():
         assert "outside the vocabulary" in evs[-1][1]
         assert [r.output_ids for r in reqs] == alone and all(r.finish_reason == "length" for r in reqs)
         assert engine.health() == (True, None)
+
+
+def test_prefill_groups_pad_little_and_cover_every_prompt():
+    from bitnet.serve.engine import prefill_groups
+
+    assert prefill_groups([5, 6, 7, 5]) == [[0, 3, 1, 2]]          # similar lengths: one forward
+    assert prefill_groups([1, 100]) == [[0], [1]]                   # padding 1 to 100: apart
+    assert prefill_groups([]) == []
+    lengths = [3, 40, 41, 7, 8, 200, 9, 44, 1, 1]
+    groups = prefill_groups(lengths, max_tokens=128)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        padded = len(g) * max(lengths[i] for i in g)
+        assert len(g) == 1 or (padded <= 128 and padded - sum(lengths[i] for i in g) <= 0.25 * padded)
+
+
+def test_prompts_admitted_together_prefill_in_one_forward_and_a_bad_one_ends_alone():
+    """Four requests admitted at once share a prefill; one with a token id outside the model's
+    vocabulary makes that forward fail, so each is prefilled alone: only the bad one ends with an error
+    and the others decode what generate() gives them alone."""
+    torch.manual_seed(0)
+    model = pack(BitNetTransformer(256, 64, 2, heads=4, max_seq_len=64).eval())
+    engine = Engine(model, ByteTokenizer(), slots=4)
+    prompts = [list(b"abcd"), list(b"efgh"), [1, 2, 999, 3], list(b"ijk")]
+    events = [[] for _ in prompts]
+    reqs = [engine.submit(Request(p, SamplingParams(max_tokens=6, temperature=0), ev.append))
+            for p, ev in zip(prompts, events)]
+    with engine:
+        for ev in events:
+            for _ in range(600):
+                if ev and ev[-1][0] in ("done", "error"):
+                    break
+                threading.Event().wait(0.05)
+    assert events[2][-1][0] == "error" and "token ids must lie" in events[2][-1][1]
+    for i in (0, 1, 3):
+        assert events[i][-1] == ("done", "length")
+        assert reqs[i].output_ids == generate(model, prompts[i], 6, temperature=0)
+    good = [list(b"abcd"), list(b"efgh"), list(b"ijk")]
+    engine = Engine(model, ByteTokenizer(), slots=4)
+    got = [engine.submit(Request(p, SamplingParams(max_tokens=6, temperature=0), lambda ev: None)) for p in good]
+    with engine:
+        for _ in range(3000):
+            if engine.finished == 3:
+                break
+            threading.Event().wait(0.02)
+    assert engine.prefills == 1                                     # admitted together: one forward
+    assert [r.output_ids for r in got] == [generate(model, p, 6, temperature=0) for p in good]

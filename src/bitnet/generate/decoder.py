@@ -29,12 +29,17 @@ from torch import nn
 from ..runtime import native_decode, torch_threads
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (computing the head for the last positions only)."""
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword argument ``name``."""
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (computing the head for the last positions only)."""
+    return accepts_argument(model, "logits_to_keep")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -77,6 +82,7 @@ class Decoder:
         self.caches = model.new_caches(rows, self.max_len, static=static)
         self.positions = [0] * rows
         self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        self._ragged = accepts_argument(model, "logits_at") and not static   # prefill_rows in one forward
         # thread policy: one torch thread beside the native kernels' own pool (None: leave torch alone)
         self.torch_threads = 1 if native_decode(model) else None
         self._row_caches: dict[int, list] = {}
@@ -142,6 +148,48 @@ class Decoder:
             logits = self.model(ids[None], caches=self._row_view(row), start_pos=start, **self._last_only)
         self.positions[row] = start + n
         return logits[0, -1]
+
+    def prefill_rows(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
+        """Start ``rows`` afresh with ``prompts`` (one each, any lengths >= 1) in ONE forward; returns the
+        logits after each prompt (len(rows), vocab), in the order of ``rows``.
+
+        The prompts are right-padded to the longest into a scratch cache (causal attention: no real token
+        sees the padding) and their keys/values copied into the rows; the padding's entries lie past each
+        row's position, where its next tokens overwrite them. One forward over all prompts reads the weights
+        once for all of them instead of once per prompt. Models without ``logits_at`` prefill row by row.
+        """
+        rows = [self._check_row(r) for r in rows]
+        prompts = [[int(t) for t in p] for p in prompts]
+        if len(prompts) != len(rows) or len(set(rows)) != len(rows):
+            raise ValueError(f"prefill_rows needs one prompt per distinct row: got {len(prompts)} prompts for rows {rows}")
+        lengths = [len(p) for p in prompts]
+        if lengths and (min(lengths) == 0 or max(lengths) > self.max_len):
+            raise ValueError(f"each prompt must hold 1..{self.max_len} tokens (max_len), got lengths {lengths}")
+        if len(rows) == 1 or not self._ragged:
+            out = []
+            for p, r in zip(prompts, rows):
+                self.reset(r)
+                out.append(self.prefill(p, row=r))
+            return torch.stack(out)
+        g, t = len(rows), max(lengths)
+        ids = torch.zeros(g, t, dtype=torch.int64)                                            # (G, T) padded
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
+        last = torch.tensor(lengths, dtype=torch.int64) - 1                                   # (G,)
+        scratch = [type(c)(g, c.k.shape[1], t, c.k.shape[3],
+                           _storage=(torch.empty((g, c.k.shape[1], t, c.k.shape[3]), dtype=c.k.dtype, device=c.k.device),
+                                     torch.empty((g, c.k.shape[1], t, c.k.shape[3]), dtype=c.v.dtype, device=c.v.device)))
+                   for c in self.caches]
+        with torch.inference_mode(), torch_threads(self.torch_threads):
+            logits = self.model(ids.to(self.device), caches=scratch, start_pos=0,
+                                logits_at=last.to(self.device))[:, 0]                         # (G, vocab)
+            at = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            for c, s in zip(self.caches, scratch):                                            # (G, Hkv, T, hd)
+                c.k[at, :, :t] = s.k
+                c.v[at, :, :t] = s.v
+        for r, n in zip(rows, lengths):
+            self.positions[r] = n
+        return logits
 
     def prefill_all(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prompts of equal length for every row, ``tokens`` (rows, T), from position 0 in one forward;

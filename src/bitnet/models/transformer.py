@@ -96,7 +96,9 @@ class BitNetTransformer(nn.Module):
         tie_embeddings: share the embedding matrix with the output head.
 
     ``forward(tokens)`` maps token ids (B, T) to logits (B, T, num_tokens); ``logits_to_keep=n`` computes
-    them for the last n positions only (a prefill that samples one token needs 1). For decoding pass
+    them for the last n positions only (a prefill that samples one token needs 1); ``logits_at`` (B,)
+    computes them at one position per row, (B, 1, num_tokens) (prompts of different lengths, right-padded
+    into one prefill). For decoding pass
     ``caches=model.new_caches(B)`` and ``start_pos`` (number of tokens already in the caches), or a
     LongTensor (B,) of per-row positions for one-token steps of sequences of different lengths
     (continuous batching; prefill each row with ``[c.row(i) for c in caches]``).
@@ -178,12 +180,28 @@ class BitNetTransformer(nn.Module):
                 raise ValueError(f"token ids must lie in [0, {self.num_tokens - 1}] (num_tokens={self.num_tokens}); "
                                  f"got min {lo}, max {hi}")
 
+    @staticmethod
+    def _check_logits_at(logits_at, tokens: torch.Tensor, logits_to_keep: int) -> None:
+        if logits_to_keep:
+            raise ValueError("pass logits_to_keep or logits_at, not both")
+        if (not isinstance(logits_at, torch.Tensor) or logits_at.shape != tokens.shape[:1]
+                or logits_at.is_floating_point() or logits_at.dtype == torch.bool):
+            shape = tuple(logits_at.shape) if isinstance(logits_at, torch.Tensor) else type(logits_at).__name__
+            raise ValueError(f"logits_at must be an integer tensor of shape ({tokens.shape[0]},) (one position per "
+                             f"row), got {shape}")
+        if logits_at.numel() and (int(logits_at.min()) < 0 or int(logits_at.max()) >= tokens.shape[1]):
+            raise ValueError(f"logits_at must lie in [0, {tokens.shape[1] - 1}] (positions of tokens), "
+                             f"got {logits_at.tolist()}")
+
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, logits_to_keep: int = 0,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.compiler.is_compiling():                              # (a captured step checks nothing)
             self.check_tokens(tokens)
             if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
+            if logits_at is not None:
+                self._check_logits_at(logits_at, tokens, logits_to_keep)
             end = (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + tokens.shape[1]
             if end > self.max_seq_len:
                 raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
@@ -198,6 +216,8 @@ class BitNetTransformer(nn.Module):
                 x = layer(x, None if caches is None else caches[i], start_pos)
         if logits_to_keep:                                                  # e.g. 1 after a prefill
             x = x[:, -logits_to_keep:]
+        elif logits_at is not None:                                         # ragged prompts, right-padded
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)][:, None]   # (B, 1, dim)
         return self.head(self.norm(x))                                      # (B, T or kept, num_tokens)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The engine owns a fixed number of *slots*, the rows of one :class:`bitnet.generate.Decoder`
 (``Decoder(model, rows=slots, max_len=context)``). A new request waits in a bounded queue until a
-slot is free, then its prompt is prefilled into that row alone (``decoder.prefill(prompt, row)``).
+slot is free; the prompts admitted at one turn of the loop are prefilled together, grouped by length
+(:func:`prefill_groups`, ``decoder.prefill_rows``: one forward per group reads the weights once).
 Every step then runs ONE forward over the busy rows (``decoder.step(tokens, rows)``: one new token
 per row at per-row positions), and each row samples its next token with its own settings and its
 own ``torch.Generator``. A finished or cancelled request frees its slot at the start of the next step.
@@ -122,6 +123,27 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def prefill_groups(lengths: Sequence[int], max_tokens: int = 4096, max_padding: float = 0.25) -> list[list[int]]:
+    """Split prompts of ``lengths`` into groups prefilled together (indices into ``lengths``).
+
+    A group's prompts are right-padded to its longest, so prompts of similar lengths go together:
+    sorted by length, a group grows while its padded size (members x longest) stays within
+    ``max_tokens`` and its padding within ``max_padding`` of the padded size (a group of one is always
+    allowed).
+    """
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        g = groups[-1] if groups else None
+        if g is not None:
+            n, longest = len(g) + 1, lengths[i]                      # sorted: the newcomer is the longest
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if n * longest <= max_tokens and n * longest - real <= max_padding * n * longest:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 class Engine:
     """Continuous-batching generator around a BitNetTransformer-like model.
 
@@ -164,6 +186,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0                                   # decode steps run (for tests and /health)
+        self.prefills = 0                                # prefill forwards run (one per group of prompts)
         self.max_batch_seen = 0                          # most rows decoded together
         self.finished = 0                                # requests that ended normally
         self.cancelled = 0                               # requests cancelled while waiting or in a slot
@@ -295,8 +318,8 @@ class Engine:
             self._beat = time.monotonic()
             self._release_cancelled()
             admitted = self._admit()
-        for a in admitted:
-            self._guard(self._prefill, [a])
+        for group in prefill_groups([len(a.req.prompt_ids) for a in admitted]):
+            self._guard(self._prefill, [admitted[i] for i in group])
             self._beat = time.monotonic()
         if any(a is not None and a.last is not None for a in self._active):
             self._guard(self._decode, [a for a in self._active if a is not None])
@@ -385,10 +408,27 @@ class Engine:
             a.req.cancel()
 
     def _prefill(self, group: list[_Active]) -> None:
-        a = group[0]
-        self.decoder.reset(a.req.slot)
-        logits = self.decoder.prefill(a.req.prompt_ids, row=a.req.slot)                    # (V,)
-        self._accept(a, self._sample(a, logits[None]))
+        """Prefill the prompts of ``group`` in one forward and sample their first tokens. If that forward
+        fails, each request is prefilled alone, so only the one that causes the failure ends."""
+        try:
+            logits = self.decoder.prefill_rows([a.req.prompt_ids for a in group],
+                                               [a.req.slot for a in group])                  # (len(group), V)
+            self.prefills += 1
+        except Exception:
+            if len(group) == 1:
+                raise
+            log.warning("prefill of %d requests together failed; prefilling them one by one", len(group),
+                        exc_info=True)
+            for a in group:
+                self._guard(self._prefill, [a])
+            return
+        for i, a in enumerate(group):
+            try:
+                self._accept(a, self._sample(a, logits[i:i + 1]))
+            except Exception as e:
+                log.exception("request %d failed sampling its first token", a.req.id)
+                with self._cond:
+                    self._fail(a, e)
 
     def _decode(self, group: list[_Active]) -> None:
         live = [a for a in group if a.last is not None]
@@ -478,4 +518,4 @@ def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams, timeo
     return req
 
 
-__all__ = ["Engine", "EngineDeadError", "QueueFullError", "Request", "SamplingParams", "collect"]
+__all__ = ["Engine", "EngineDeadError", "QueueFullError", "Request", "SamplingParams", "collect", "prefill_groups"]

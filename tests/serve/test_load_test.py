@@ -27,3 +27,28 @@ def test_classify_tells_drift_from_mixing():
     results = {0: {"text": "abcdef"}, 1: {"text": "xyzuQQ"}, 2: {"text": "xyzuvw"}, 3: {"text": "Qbcdef"}}
     exact, drift, mixed = mod.classify(results, ref, 2)
     assert exact == [0] and drift == [1] and sorted(mixed) == [2, 3]
+
+
+
+def test_batched_answers_equal_answers_alone_on_the_packed_native_server(model_dir, capsys):
+    """Batch invariance end to end: with ``--exact`` every batched answer must equal the same prompt's
+    answer alone (no drift) on a packed model served by the native CPU kernels."""
+    import pytest
+
+    from bitnet.generate import BitNetInference
+    from bitnet.runtime import native_decode
+    from bitnet.serve import Engine
+
+    from .conftest import http_parts
+
+    inference = BitNetInference(device="cpu").load_model(model_dir, pack=True)
+    if not native_decode(inference.model):
+        pytest.skip("the native CPU backend is not available")
+    create_app, ServerThread = http_parts()
+    engine = Engine(inference.model, inference.tokenizer, slots=4, max_queue=32)
+    with ServerThread(create_app(engine, "tiny")) as srv:
+        rc = load_script().main(["--url", srv.url, "--clients", "1,4", "--requests", "12", "--max-tokens", "24",
+                                 "--prompts", "6", "--exact"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "drift=0" in out and "mixed=0" in out and "lost=0" in out

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..io import (CONFIG_FILE, OPTIMIZER_FILE, PENDING_FILE, CheckpointError, inside,
-                  load_model, load_optimizer, read_config, recover_checkpoint, remove_stale_temps, resolve_device,
+                  load_checkpoint, load_optimizer, read_config, recover_checkpoint, remove_stale_temps, resolve_device,
                   save_checkpoint, verify_checkpoint)
 from ..models import BitNetTransformer
 from ..nn.feedforward import ACTIVATIONS
@@ -409,7 +409,7 @@ def _build(cfg: TrainConfig, run_dir: Path, device: torch.device, tokenizer) -> 
         raise CheckpointError(f"{cfg_file}: model_config.packed is true: a packed model cannot be trained further")
     verify_checkpoint(run_dir, saved, roles=("model", "optimizer") if saved.get("checkpoint") else ("model",))
     state = check_train_state(saved.get("train_state"), cfg_file)
-    model = load_model(run_dir, device=device)
+    model = load_checkpoint(run_dir, device=device, run_config=saved)[0]      # config.json read once
     optimizer = make_optimizer(model, cfg)
     opt_name = (saved.get("files") or {}).get("optimizer", OPTIMIZER_FILE)
     opt_file = inside(run_dir, opt_name, cfg_file, "files.optimizer")

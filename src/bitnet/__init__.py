@@ -18,16 +18,18 @@ __all__ = [
     "ternary_weight_quant", "weight_quant",
 ]
 
-# Hugging Face integration (transformers is optional): register BitLlama with the Auto classes when
-# transformers gets imported, and resolve the HF classes lazily (``bitnet.BitLlamaForCausalLM``, ...).
-from . import hf as _hf  # noqa: E402
-
-_hf.install()
+# Hugging Face integration (transformers is optional): the HF names resolve lazily, importing bitnet.hf
+# (which registers BitLlama with the Auto classes) on first use: ``bitnet.BitLlamaForCausalLM``, ...
+HF_EXPORTS = ("BitLlamaConfig", "BitLlamaForCausalLM", "BitNetForCausalLM", "to_bitnet_transformer",
+              "QuantWarmupCallback", "train_bpe_tokenizer")
+"""The names of :mod:`bitnet.hf` that ``bitnet`` re-exports (its ``LAZY_EXPORTS``)."""
 
 
 def __getattr__(name):
-    if name in _hf.LAZY_EXPORTS:
-        return getattr(_hf, name)
+    if name in HF_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(".hf", __name__), name)
     raise AttributeError(f"module 'bitnet' has no attribute {name!r}")
 
 # Checkpoints, tokenizer, generation and training (``bitnet.train.train`` / ``bitnet.generate.generate``

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import CheckpointError, STATE_DICT_SUFFIXES, read_json_object
+from .io import CheckpointError, STATE_DICT_SUFFIXES, read_json_object, recover_checkpoint
 from .tokenizer import HFTokenizer
 
 ACCEPTED_FORMATS = (
@@ -139,29 +139,36 @@ def check_device(device) -> torch.device:
 def detect_format(path: Path) -> str:
     """``"gguf"``, ``"hf-bitnet"``, ``"bitllama"`` or ``"bitnet"`` for an existing ``path``; else
     :class:`ModelFormatError` naming the path and the accepted formats."""
+    return _detect(path)[0]
+
+
+def _detect(path: Path) -> tuple[str, dict | None]:
+    """(:func:`detect_format`, the folder's config.json as read for it, or None): the one read of that file
+    in a load. A bitnet run folder's interrupted save is completed first, so the file read is the new one."""
     if path.is_file():
         if path.suffix == ".gguf":
-            return "gguf"
+            return "gguf", None
         if path.suffix == ".safetensors" or path.suffix in STATE_DICT_SUFFIXES:
-            return "bitnet"
+            return "bitnet", None
         raise ModelFormatError(unknown_format_message(path, f"{path.suffix or 'no suffix'!s} is not a model file"))
+    recover_checkpoint(path)                                # no-op unless a bitnet save was interrupted
     config = path / "config.json"
     if config.is_file():
         cfg = read_json_object(config)
         if cfg.get("format") == "bitnet":
-            return "bitnet"
+            return "bitnet", cfg
         model_type = cfg.get("model_type")
         if model_type == "bitnet" or "BitNetForCausalLM" in (cfg.get("architectures") or ()):
-            return "hf-bitnet"
+            return "hf-bitnet", cfg
         if model_type == "bitllama":
-            return "bitllama"
+            return "bitllama", cfg
         raise ModelFormatError(unknown_format_message(
             path, f"its config.json has model_type {model_type!r} (not 'bitnet' or 'bitllama')"))
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1 and not any(path.glob("*.safetensors")):
-        return "gguf"
+        return "gguf", None
     if any(p.suffix == ".safetensors" or p.suffix in STATE_DICT_SUFFIXES for p in path.iterdir()):
-        return "bitnet"                                     # bitnet.io names what is missing
+        return "bitnet", None                               # bitnet.io names what is missing
     raise ModelFormatError(unknown_format_message(path, "the folder holds no config.json, weights or .gguf file"))
 
 
@@ -371,22 +378,25 @@ def bf16_embedding_if_exact(model: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------------- loaders
 
-def _load_bitnet(path: Path, pack: bool, **overrides) -> tuple[nn.Module, object, Path | None]:
-    from .io import load_model as io_load_model, read_config
+def _load_bitnet(path: Path, pack: bool, run_config: dict | None = None,
+                 **overrides) -> tuple[nn.Module, object, Path | None]:
+    """Model, tokenizer and folder of one of our checkpoints; ``run_config``: its config.json as
+    :func:`_detect` read it (checked here, not read again)."""
+    from .io import load_checkpoint
+    from .io.config import check_config
     from .tokenizer import ByteTokenizer, tokenizer_from_config
 
-    model = io_load_model(path, **overrides)
     folder = path if path.is_dir() else path.parent
-    try:
-        tok_cfg = read_config(path).get("tokenizer")
-    except FileNotFoundError:
-        tok_cfg = None
+    if run_config is not None:
+        run_config = check_config(run_config, folder / "config.json")
+    model, saved = load_checkpoint(path, run_config=run_config, **overrides)
+    tok_cfg = None if saved is None else saved.get("tokenizer")
     if isinstance(tok_cfg, dict) and tok_cfg.get("type") == "hf" and (folder / "tokenizer.json").is_file():
         tokenizer = load_hf_tokenizer(folder)          # the files `bitnet pack` copies beside the weights
     else:
         tokenizer = tokenizer_from_config(tok_cfg, source=folder / "config.json") if tok_cfg else ByteTokenizer()
     if pack:
-        from .convert.pack import is_packed, pack as pack_model
+        from .storage import is_packed, pack as pack_model
 
         if not is_packed(model):
             pack_model(model)
@@ -420,12 +430,12 @@ def int8_head(linear: nn.Linear, rows: int = 8192) -> nn.Module:
     return head
 
 
-def _load_bitllama(folder: Path, pack: bool) -> nn.Module:
+def _load_bitllama(folder: Path, pack: bool, config: dict) -> nn.Module:
     from .hf.bitllama_convert import bitllama_to_transformer
 
-    model = bitllama_to_transformer(folder)
+    model = bitllama_to_transformer(folder, config)
     if pack:
-        from .convert.pack import pack as pack_model
+        from .storage import pack as pack_model
 
         pack_model(model)
     return model
@@ -470,26 +480,26 @@ def load(model, *, device=None, pack: bool | None = None, compact_embeddings: bo
         if text.startswith((".", "/", "~")) or not HUB_ID.match(text):
             raise FileNotFoundError(unknown_format_message(path, "no such file or folder"))
         path, name = resolve_hub_id(text, revision=revision, cache_dir=cache_dir), text
-    kind = detect_format(path)
+    kind, config_json = _detect(path)
     if overrides and kind != "bitnet":
         raise ValueError(f"{sorted(overrides)} apply to bitnet checkpoints only, not to {kind} checkpoints ({path})")
     folder = path if path.is_dir() else path.parent
     config: dict = {}
     if kind == "bitnet":
-        net, tokenizer, folder = _load_bitnet(path, pack, **overrides)
+        net, tokenizer, folder = _load_bitnet(path, pack, config_json, **overrides)
     elif kind == "gguf":
         gguf_path = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
         net, tokenizer = _load_gguf(gguf_path)
         if tokenizer is not None and not hasattr(tokenizer, "encode"):
             tokenizer = HFTokenizer(tokenizer)
     else:
-        config = read_json_object(folder / "config.json")
+        config = config_json if config_json is not None else read_json_object(folder / "config.json")
         tokenizer = load_hf_tokenizer(folder)
         if kind == "hf-bitnet":
             net = _load_hf_bitnet(folder)
         else:
-            net = _load_bitllama(folder, pack)
-    from .convert.pack import is_packed
+            net = _load_bitllama(folder, pack, config)
+    from .storage import is_packed
 
     packed = is_packed(net)
     if packed and compact_embeddings:

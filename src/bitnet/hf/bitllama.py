@@ -12,7 +12,6 @@ import shutil
 
 from ..nn.bitlinear import BitLinear
 from . import modeling_bitllama as _remote
-from ._register import flush
 from .configuration_bitllama import BitLlamaConfig
 
 REMOTE_CODE_FILES = ("configuration_bitllama.py", "modeling_bitllama.py")
@@ -44,7 +43,5 @@ class BitLlamaForCausalLM(_remote.BitLlamaForCausalLM):
             shutil.copyfile(os.path.join(src_dir, name), os.path.join(save_directory, name))
         return out
 
-
-flush()   # register with the Auto classes now if transformers' auto modules were imported meanwhile
 
 __all__ = ["AUTO_MAP", "BitLlamaConfig", "BitLlamaForCausalLM", "REMOTE_CODE_FILES"]

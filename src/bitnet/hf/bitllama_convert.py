@@ -89,14 +89,17 @@ def rename(key: str) -> str | None:
 
 
 @torch.no_grad()
-def bitllama_to_transformer(folder) -> torch.nn.Module:
-    """The BitLlama checkpoint in ``folder`` as a training-form BitNetTransformer (fp32, eval mode)."""
+def bitllama_to_transformer(folder, config: dict | None = None) -> torch.nn.Module:
+    """The BitLlama checkpoint in ``folder`` as a training-form BitNetTransformer (fp32, eval mode).
+
+    ``config``: the folder's config.json when the caller has read it already (not read again)."""
     from ..io import load_state_into
     from ..models import BitNetTransformer
     from .bitnet_official import read_safetensors_folder
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config is None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     kwargs = transformer_kwargs(config, folder)
     state = {}
     for key, t in read_safetensors_folder(str(folder)).items():

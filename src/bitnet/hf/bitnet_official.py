@@ -330,7 +330,7 @@ def to_bitnet_transformer(model: "BitNetForCausalLM", head: str = "int8"):
         model: a packed (not ``trainable``) :class:`BitNetForCausalLM`.
         head: ``"int8"`` (default, as :func:`bitnet.pack`) or ``"fp"`` (keep the float head).
     """
-    from ..convert.pack import pack
+    from ..storage.pack import pack
     from ..models import BitNetTransformer
     from ..nn.int8_linear import Int8Linear
 

@@ -116,7 +116,7 @@ def compare(config: TrainConfig | None = None, weights: Sequence[str] = ("1.58",
 # ------------------------------------------------------------------------------------------------- CLI
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import add_train_flags
+    from .flags import add_train_flags
 
     p = subparsers.add_parser(
         "compare", help="train b1.58, b1 and fp with the same settings and tabulate",
@@ -131,7 +131,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import config_kwargs
+    from .flags import config_kwargs
 
     given = config_kwargs(args)
     out = given.pop("out", None) or "runs/compare"

@@ -1,6 +1,6 @@
 """What resuming and interrupting a run need besides the checkpoint itself (see :mod:`bitnet.io`): the
 train_state of config.json checked, log.csv cut back to the checkpoint's step, Ctrl-C turned into a stop
-at the next step boundary (where a checkpoint is exact)."""
+at the next step boundary (where a checkpoint is exact), and the RNG states saved and restored."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
+
+import torch
 
 from ..io import CheckpointError, atomic_write_text
 
@@ -77,3 +79,19 @@ class StopRequest:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def rng_states(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a resume needs: the data sampler's, torch's and (on CUDA) the device's."""
+    states = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], data_gen: torch.Generator, device: torch.device) -> None:
+    """Put back what :func:`rng_states` saved."""
+    data_gen.set_state(states["data"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -63,7 +63,10 @@ void run(int8_gemm_fn g, const Int8Args& a0, int64_t M, int64_t N, const Epi& e)
     return;
   }
   // Tiles of MB tokens x NB rows; decode (small M): many row chunks so no thread waits on a slow one.
-  const int64_t MB = 32;
+  int64_t MB = 32;
+#if defined(BITNET_HAVE_AMX)
+  if (g == int8_gemm_amx) MB = 64;  // one weight A tile serves up to 4 blocks of 16 tokens
+#endif
   const int64_t mt = (M + MB - 1) / MB;
   int64_t NB = M <= 4 ? 256 : 64;
   while (NB > 16 && mt * ((N + NB - 1) / NB) < nthreads * 8) NB /= 2;

@@ -52,10 +52,12 @@ def test_amx_int8_matmul_exact(m, k, n, nthreads, seed):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 16), (16, 64, 16), (16, 63, 15), (17, 65, 17), (15, 128, 33),
-                                   (32, 2560, 48), (33, 2561, 300), (1, 2560, 4099)])
+                                   (32, 2560, 48), (33, 2561, 300), (1, 2560, 4099),
+                                   (64, 200, 33), (70, 129, 47), (129, 65, 20), (200, 333, 301)])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_amx_int8_matmul_edges(m, k, n, nthreads):
-    """Exact multiples and tails of the 16-token, 64-k and 16-row tile edges; a threaded decode GEMV."""
+    """Exact multiples and tails of the 16-token, 64-k and 16-row tile edges, of the 64-token groups that
+    share one weight tile load; a threaded decode GEMV."""
     x, w = ints(m, k, n, seed=m * 7919 + k * 31 + n)
     with threads(nthreads):
         got = I.int8_matmul_int(x, w, isa="amx")

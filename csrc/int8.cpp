@@ -24,6 +24,9 @@ void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int
 namespace {
 
 int8_gemm_fn int8_kernel_for(int isa) {
+#if defined(BITNET_HAVE_AMX)
+  if (isa == BITNET_ISA_AMX) return int8_gemm_amx;
+#endif
 #if defined(BITNET_HAVE_AVX2)
   if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI || isa == BITNET_ISA_AMX)
     return int8_gemm_avx2;
@@ -42,8 +45,17 @@ void epilogue(const Epi& e, int32_t* out, int64_t ldo, int64_t m0, int64_t m1, i
   if (e.x_scale) float_epilogue(out, ldo, m0, m1, n0, n1, e.x_scale, 0.0f, e.w_scale, e.bias);
 }
 
-void run(int8_gemm_fn g, const Int8Args& a, int64_t M, int64_t N, const Epi& e) {
+void run(int8_gemm_fn g, const Int8Args& a0, int64_t M, int64_t N, const Epi& e) {
   if (M == 0 || N == 0) return;
+  Int8Args a = a0;
+#if defined(BITNET_HAVE_AMX)
+  thread_local std::vector<int8_t> xv;  // AMX: x in the B-tile layout, once per call for all tasks
+  if (g == int8_gemm_amx) {
+    xv.resize((size_t)int8_amx_xv_bytes(M, a.K));
+    int8_amx_layout_x(a.x, a.ldx, M, a.K, xv.data());
+    a.xv = xv.data();
+  }
+#endif
   const int64_t nthreads = native_threads();
   if (nthreads == 1 || M * N * a.K < (1 << 18)) {
     g(a, 0, M, 0, N);
@@ -51,7 +63,10 @@ void run(int8_gemm_fn g, const Int8Args& a, int64_t M, int64_t N, const Epi& e) 
     return;
   }
   // Tiles of MB tokens x NB rows; decode (small M): many row chunks so no thread waits on a slow one.
-  const int64_t MB = 32;
+  int64_t MB = 32;
+#if defined(BITNET_HAVE_AMX)
+  if (g == int8_gemm_amx) MB = 64;  // one weight A tile serves up to 4 blocks of 16 tokens
+#endif
   const int64_t mt = (M + MB - 1) / MB;
   int64_t NB = M <= 4 ? 256 : 64;
   while (NB > 16 && mt * ((N + NB - 1) / NB) < nthreads * 8) NB /= 2;

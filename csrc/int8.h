@@ -19,6 +19,7 @@ struct Int8Args {
   int64_t K;
   int32_t* out;       // (M, ldo)
   int64_t ldo;
+  const int8_t* xv = nullptr;  // AMX only: x in the VNNI B-tile layout (int8_amx_layout_x), or null
 };
 
 // Computes out[m0:m1, n0:n1].
@@ -27,6 +28,13 @@ typedef void (*int8_gemm_fn)(const Int8Args& a, int64_t m0, int64_t m1, int64_t 
 void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #if defined(BITNET_HAVE_AVX2)
 void int8_gemm_avx2(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+#endif
+#if defined(BITNET_HAVE_AMX)
+// AMX-INT8 (int8_amx.cpp). Uses a.xv when set and m0 % 16 == 0, else lays out x[m0:m1] itself.
+void int8_gemm_amx(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Bytes of the VNNI layout of x (M, K): ceil(M / 16) * ceil(K / 64) KB; fills it (zero padded).
+int64_t int8_amx_xv_bytes(int64_t M, int64_t K);
+void int8_amx_layout_x(const int8_t* x, int64_t ldx, int64_t M, int64_t K, int8_t* xv);
 #endif
 
 }  // namespace bitnet

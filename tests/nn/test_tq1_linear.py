@@ -83,3 +83,11 @@ def test_repack_rejects_what_it_cannot_repack():
         PackedTQ1BitLinear.from_packed(BitLinear(4, 4))
     with pytest.raises(ValueError, match="in_features|must be"):
         PackedTQ1BitLinear.from_packed(pack(BitLinear(40, 4)))(torch.randn(2, 41))
+
+
+def test_meta_layers_repack_to_empty_meta_layers():
+    with torch.device("meta"):
+        model = BitNetTransformer(num_tokens=20, dim=64, depth=1, heads=2, max_seq_len=16)
+    repack_tq1(pack(model))
+    layers = [m for m in model.modules() if isinstance(m, PackedTQ1BitLinear)]
+    assert layers and all(m.w_tq1.is_meta for m in layers)

@@ -43,6 +43,8 @@ class PackedTQ1BitLinear(PackedBitLinear):
         out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, bits=layer.bits,
                   norm=layer.norm is not None, norm_eps=layer.norm.eps if layer.norm is not None else 1e-6,
                   weight_kind=layer.weight_kind, device=device)
+        if device.type == "meta":
+            return out
         out.w_tq1.copy_(i2_to_tq1(layer.w_packed, layer.in_features))
         out.w_scale.copy_(layer.w_scale)
         if layer.bias is not None:

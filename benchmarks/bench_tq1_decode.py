@@ -11,7 +11,10 @@ order (so that all variants see the same machine load):
 * ``i2 modules``: the I2 model with the fused block switched off (one native call per linear);
 * ``tq1 modules``: the TQ1 model (module path: the fused block reads I2 only).
 
-``tq1 modules`` vs ``i2 modules`` is the like-for-like comparison of the weight formats. Per variant:
+* ``i2 linears`` / ``tq1 linears``: only the token's matmuls (every projection in model order, then the
+  int8 head), straight native calls: the weight streaming of a step without attention, norms or Python.
+
+``tq1`` vs ``i2`` on the same path is the like-for-like comparison of the weight formats. Per variant:
 median and fastest step (tok/s) and the bytes read per token (``bitnet.bench.decode_bytes_per_token``).
 The two models' weights (0.85 + 0.75 GB) exceed this Xeon's L3, so every step reads from memory.
 Checks first that both models give the same logits (module path).
@@ -29,8 +32,45 @@ from bitnet import ops
 from bitnet.bench import MODEL_SHAPES, build_random_model, cpu_model, decode_bytes_per_token
 from bitnet.convert.tq1 import repack_tq1
 from bitnet.models.fused_block import fused_path
-from bitnet.ops import tq1
+from bitnet.nn import Int8Linear, PackedBitLinear
+from bitnet.nn.tq1_linear import PackedTQ1BitLinear
+from bitnet.ops import cpu, tq1
 from bitnet.runtime import torch_threads
+
+
+def linear_calls(model) -> list:
+    """One token's matmuls of ``model`` (every projection in model order, then the int8 head) as native
+    calls on a preallocated random input: the weight streaming of a decode step without attention,
+    norms or Python between the calls."""
+    import bitnet.ops.int8  # noqa: F401  (declares bitnet_int8_linear on the library)
+
+    g = torch.Generator().manual_seed(1)
+    keep, calls = [], []
+    for m in model.modules():
+        if isinstance(m, (PackedBitLinear, Int8Linear)):
+            x = torch.randn(1, m.in_features, generator=g)
+            out = torch.empty(1, m.out_features)
+            keep += [x, out]
+            if type(m) is PackedTQ1BitLinear:
+                fn, w = tq1._lib.bitnet_tq1_bitlinear, m.w_tq1
+                args = (x.data_ptr(), 1, m.in_features, m.in_features, 8, 1e-5, w.data_ptr(), m.out_features,
+                        w.shape[1], float(m.w_scale), None, out.data_ptr(), m.out_features, -1)
+            elif type(m) is PackedBitLinear:
+                fn, w = cpu._lib.bitnet_bitlinear, m.w_packed
+                args = (x.data_ptr(), 1, m.in_features, m.in_features, 8, 1e-5, w.data_ptr(), m.out_features,
+                        w.shape[1], float(m.w_scale), None, out.data_ptr(), m.out_features, -1)
+            else:
+                fn, w = cpu._lib.bitnet_int8_linear, m.w_int8
+                args = (x.data_ptr(), 1, m.in_features, m.in_features, 8, 1e-5, w.data_ptr(), m.out_features,
+                        w.shape[1], m.w_scale.data_ptr(), None, out.data_ptr(), m.out_features, -1)
+            calls.append((fn, args))
+
+    def run():
+        for fn, args in calls:
+            if fn(*args) != 0:
+                raise RuntimeError("native call failed")
+    run.keep = keep
+    return run
 
 
 @torch.no_grad()
@@ -67,13 +107,19 @@ def main() -> None:
         for name, model in (("i2", i2), ("tq1", q1)):
             caches[name] = model.new_caches(1, a.prompt + a.steps + 1)
             model(prompt, caches=caches[name], start_pos=0)
-        variants = {"i2 fused": ("i2", i2, True), "i2 modules": ("i2", i2, False), "tq1 modules": ("tq1", q1, False)}
+        variants = {"i2 fused": ("i2", i2, True), "i2 modules": ("i2", i2, False), "tq1 modules": ("tq1", q1, False),
+                    "i2 linears": ("i2", linear_calls(i2), None), "tq1 linears": ("tq1", linear_calls(q1), None)}
         times = {v: [] for v in variants}
         for r in range(a.rounds):           # one step of each variant per round: all see the same load
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             pos = a.prompt + r % a.steps
             for v in order:
                 cname, model, fused = variants[v]
+                if fused is None:                     # the linears only: one token's matmuls
+                    s = time.perf_counter()
+                    model()
+                    times[v].append(time.perf_counter() - s)
+                    continue
                 with fused_path(fused):
                     s = time.perf_counter()
                     model(tok, caches=caches[cname], start_pos=pos)

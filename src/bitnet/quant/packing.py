@@ -21,6 +21,8 @@ Compact (base 3), 1.6 bits per weight, for files
 ------------------------------------------------
 The codes of the flattened tensor, padded with code 1 to a multiple of 5, are grouped by five and
 stored as one byte ``c0 + 3*c1 + 9*c2 + 27*c3 + 81*c4`` (<= 242).
+
+(An experimental in-memory 1.6-bit layout for a GEMV, TQ1, is defined in :mod:`bitnet.quant.tq1`.)
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
                 continue
             seen.add(t.data_ptr())
             size = t.numel() * t.element_size()
-            is_linear_weight = (isinstance(module, PackedBitLinear) and name in ("w_packed", "w_scale")) or (
+            is_linear_weight = (isinstance(module, PackedBitLinear) and name in ("w_packed", "w_tq1", "w_scale")) or (
                 isinstance(module, Int8Linear) and name in ("w_int8", "w_scale")
                 and not _is_head(model, module)) or (
                 isinstance(module, nn.Linear) and name == "weight" and not _is_head(model, module))

@@ -11,7 +11,7 @@ Shapes: ``load`` is the server load test's model (dim 1024, 12 layers, 16 heads)
 BitNet-b1.58-2B-4T (dim 2560, 20 heads / 5 KV heads, hidden 6912) at reduced depth (``--depth-2b4t``,
 default 4). Both use a 256-token vocabulary (the step, not the head, is measured).
 
-    python benchmarks/bench_batched_decode.py --threads 2 --pos 100
+    python benchmarks/bench_batched_decode.py --threads 2 --torch-threads 1 --pos 100
     BITNET_NATIVE_LIB=/path/to/other/_bitnet_native.so python benchmarks/bench_batched_decode.py  # A/B a build
 """
 
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="load,2b4t", help=f"comma-separated, of: {', '.join(SHAPES)}")
     ap.add_argument("--batches", type=_positive_ints, default=[1, 2, 4, 8, 16], help="batch sizes (first: the base)")
     ap.add_argument("--pos", type=int, default=100, help="position of every row (cache length - 1), default 100")
-    ap.add_argument("--threads", type=int, default=2, help="torch and native threads, default 2")
+    ap.add_argument("--threads", type=int, default=2, help="native threads (the blocks), default 2")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads (embedding, final norm, head), default 1: torch's spinning OpenMP "
+                         "workers beside the native pool's on 2 cores made the 2b4t B=16 step 2.6x slower")
     ap.add_argument("--depth-2b4t", type=int, default=4, help="blocks of the 2b4t shape, default 4 (of 30)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per shape, default 10")
     args = ap.parse_args(argv)
@@ -68,14 +71,15 @@ def main(argv=None) -> int:
     for s in shapes:
         if s not in SHAPES:
             ap.error(f"--shapes: unknown shape {s!r} (known: {', '.join(SHAPES)})")
-    if args.pos < 0 or args.threads < 1 or args.depth_2b4t < 1:
-        ap.error("--pos must be >= 0, --threads and --depth-2b4t >= 1")
+    if args.pos < 0 or min(args.threads, args.torch_threads, args.depth_2b4t) < 1:
+        ap.error("--pos must be >= 0, --threads, --torch-threads and --depth-2b4t >= 1")
     if not cpu.available():
         print(f"native library not loaded: {cpu.LOAD_ERROR}", file=sys.stderr)
         return 1
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     cpu.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}; ISA {cpu.default_isa()}; {args.threads} threads; rows at position {args.pos}")
+    print(f"CPU: {cpu_model()}; ISA {cpu.default_isa()}; {args.threads} native / {args.torch_threads} torch "
+          f"threads; rows at position {args.pos}; library {cpu.LIB_PATH}")
     for name in shapes:
         shape, depth = SHAPES[name]
         depth = args.depth_2b4t if name == "2b4t" else depth

@@ -3,17 +3,16 @@
 // ~40 small torch ops per layer. See bitnet_attention_step in bitnet_native.h.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "bitnet_native.h"
 #include "native_services.h"
 
-// The two loops that carry the work get an AVX2 clone besides the baseline one (GCC, x86-64 Linux).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BITNET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define BITNET_CLONES
+#include <immintrin.h>
+#define BITNET_ATTN_AVX512 1   // decode scores in AVX-512 intrinsics, chosen at run time
 #endif
 
 namespace bitnet {
@@ -31,42 +30,7 @@ void rope(float* x, int64_t hd, const float* c, const float* s) {
   }
 }
 
-// One query head against n cached keys/values (n, hd):  out = softmax(q k^T * scale) v.
-// w: scratch of n floats.
-BITNET_CLONES void attend_one(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
-                              float scale, float* w, float* out) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    const float* k = kc + j * hd;
-    float acc[16] = {};                       // 16 independent partial sums: vectorises
-    int64_t i = 0;
-    for (; i + 16 <= hd; i += 16)
-      for (int l = 0; l < 16; ++l) acc[l] += q[i + l] * k[i + l];
-    for (int l = 0; i < hd; ++i, ++l) acc[l] += q[i] * k[i];
-    // pairwise, in a fixed order: 16 dependent scalar adds per key were most of the prefill time here
-    for (int w = 8; w >= 1; w /= 2)
-      for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    float s = acc[0] * scale;
-    w[j] = s;
-    mx = s > mx ? s : mx;
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    w[j] = std::exp(w[j] - mx);
-    sum += w[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = w[j] * inv;
-    const float* v = vc + j * hd;
-    for (int64_t d = 0; d < hd; ++d) out[d] += a * v[d];
-  }
-}
-
-// ---- prefill: blocks of up to kQB queries of one head, vectorised across the queries ----
-constexpr int kQB = 16;  // queries per block: one 16-float vector per key and per head dimension
-
+// The loops that carry the work get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BITNET_BLOCK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -96,6 +60,131 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, 4);
   return p * scale;
 }
+
+// ---- decode: one query of one head against its n cached keys / values ----
+constexpr int kLanes = 16;  // partial sums per dot product: one 16-float vector (two 8-float ones)
+
+// The fixed reduction of 16 partial sums: pairwise, a[l] + a[l + w] for w = 8, 4, 2, 1.
+inline float reduce_lanes(const float* a) {
+  float s8[8], s4[4], s2[2];
+  for (int l = 0; l < 8; ++l) s8[l] = a[l] + a[l + 8];
+  for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
+  for (int l = 0; l < 2; ++l) s2[l] = s4[l] + s4[l + 2];
+  return s2[0] + s2[1];
+}
+
+// s[r] = reduce_lanes(a_r) * scale for R keys k_r = k + r hd, where a_r[l] = fma(q[d], k_r[d], a_r[l]) for
+// d = l, l + 16, ... < hd, in order of d (R independent chains of 16-float vectors).
+template <int R>
+inline void scores(const float* q, const float* k, int64_t hd, float scale, float* s) {
+  float a[R][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= hd; i += kLanes)
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < kLanes; ++l) a[r][l] = __builtin_fmaf(q[i + l], k[r * hd + i + l], a[r][l]);
+  const int64_t tail = hd - i;
+  for (int r = 0; r < R; ++r)
+    for (int64_t l = 0; l < tail; ++l) a[r][l] = __builtin_fmaf(q[i + l], k[r * hd + i + l], a[r][l]);
+  for (int r = 0; r < R; ++r) s[r] = reduce_lanes(a[r]) * scale;
+}
+
+#if defined(BITNET_ATTN_AVX512)
+// scores<R> in AVX-512, the same operations in the same order (one zmm per key: lane l holds a_r[l];
+// the tail of hd is a masked load, whose zero lanes add fma(0, 0, a) = a).
+__attribute__((target("avx512f,avx512dq,fma"))) inline float reduce_lanes_avx512(__m512 a) {
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512dq,fma"))) void scores_avx512(const float* q, const float* k, int64_t hd,
+                                                                    float scale, float* s) {
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= hd; i += kLanes) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + r * hd + i), a[r]);
+  }
+  if (i < hd) {
+    const __mmask16 m = (__mmask16)((1u << (hd - i)) - 1u);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k + r * hd + i), a[r]);
+  }
+  for (int r = 0; r < R; ++r) s[r] = reduce_lanes_avx512(a[r]) * scale;
+}
+
+__attribute__((target("avx512f,avx512dq,fma"))) void all_scores_avx512(const float* q, const float* kc, int64_t n,
+                                                                        int64_t hd, float scale, float* w) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) scores_avx512<4>(q, kc + j * hd, hd, scale, w + j);
+  for (; j < n; ++j) scores_avx512<1>(q, kc + j * hd, hd, scale, w + j);
+}
+
+// BITNET_ATTN_PORTABLE=1 (read once) forces the portable loops: tests compare the two bit for bit.
+bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          !(std::getenv("BITNET_ATTN_PORTABLE") && std::getenv("BITNET_ATTN_PORTABLE")[0] == '1');
+  return yes;
+}
+#endif
+
+// acc[i] = sum_j w[j] v_j[d0 + i] (fma, in order of j) for i < W; out[d0 + i] = acc[i] * inv.
+template <int W>
+inline void weighted_values(const float* w, const float* vc, int64_t n, int64_t hd, int64_t d0, float inv,
+                            float* out) {
+  float acc[W] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = w[j];
+    const float* v = vc + j * hd + d0;
+    for (int i = 0; i < W; ++i) acc[i] = __builtin_fmaf(a, v[i], acc[i]);
+  }
+  for (int i = 0; i < W; ++i) out[d0 + i] = acc[i] * inv;
+}
+
+// out = softmax(q k^T * scale) v for one query head q (hd) against n cached keys / values (n, hd);
+// w: scratch of n floats. Every float operation is written out here in a fixed order (explicit fma,
+// fixed lane reductions), so each clone (AVX-512, AVX2, baseline) gives the same bits, and a query's
+// result depends on nothing but its own q, keys and values (batch invariance):
+//   s_j = reduce_lanes(q . k_j, 16 lanes) * scale      4 keys per pass: 4 independent fma chains
+//   e_j = exp_nonpositive(s_j - max s), sum = reduce_lanes(e, 16 lanes)
+//   out = (sum_j e_j v_j) / sum                          64 (then 16, then 1) dimensions per pass
+BITNET_BLOCK_CLONES void attend_one(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
+                                    float scale, float* w, float* out) {
+  int64_t j = 0;
+#if defined(BITNET_ATTN_AVX512)
+  if (have_avx512()) {
+    all_scores_avx512(q, kc, n, hd, scale, w);
+    j = n;
+  }
+#endif
+  for (; j + 4 <= n; j += 4) scores<4>(q, kc + j * hd, hd, scale, w + j);
+  for (; j < n; ++j) scores<1>(q, kc + j * hd, hd, scale, w + j);
+  float mx = -INFINITY;
+  for (j = 0; j < n; ++j) mx = w[j] > mx ? w[j] : mx;
+  float sums[kLanes] = {};
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(w[j + l] - mx);
+      w[j + l] = e;
+      sums[l] += e;
+    }
+  for (int l = 0; j + l < n; ++l) {
+    const float e = exp_nonpositive(w[j + l] - mx);
+    w[j + l] = e;
+    sums[l] += e;
+  }
+  const float inv = 1.0f / reduce_lanes(sums);
+  int64_t d = 0;
+  for (; d + 64 <= hd; d += 64) weighted_values<64>(w, vc, n, hd, d, inv, out);
+  for (; d + 16 <= hd; d += 16) weighted_values<16>(w, vc, n, hd, d, inv, out);
+  for (; d < hd; ++d) weighted_values<1>(w, vc, n, hd, d, inv, out);
+}
+
+// ---- prefill: blocks of up to kQB queries of one head, vectorised across the queries ----
+constexpr int kQB = 16;  // queries per block: one 16-float vector per key and per head dimension
 
 struct BlockScratch {
   std::vector<float> qt, st, ot;  // (hd, kQB) queries, (n, kQB) scores / weights, (hd, kQB) outputs

@@ -1,0 +1,100 @@
+"""Cost of one batched decode step (one token per row) against one row alone, on packed random models.
+
+For B = 1, 2, 4, 8, 16 rows: ``model(tokens (B, 1), caches, positions (B,))``, i.e. the native fused
+blocks of every layer (bitnet/models/fused_block.py -> csrc/block.cpp), the final norm and the head.
+The B values are timed in rounds (one call each per round, medians), so that all see the same machine
+load; printed: ms per step, tokens/s (B / step) and the speed-up in tokens/s over B = 1 (B x the
+step-time ratio). Perfect batching (weights read once per step for all rows) approaches B; the KV cache
+each row reads (float32, grows with the position) and the attention do not shrink with batching.
+
+Shapes: ``load`` is the server load test's model (dim 1024, 12 layers, 16 heads); ``2b4t`` the blocks of
+BitNet-b1.58-2B-4T (dim 2560, 20 heads / 5 KV heads, hidden 6912) at reduced depth (``--depth-2b4t``,
+default 4). Both use a 256-token vocabulary (the step, not the head, is measured).
+
+    python benchmarks/bench_batched_decode.py --threads 2 --torch-threads 1 --pos 100
+    BITNET_NATIVE_LIB=/path/to/other/_bitnet_native.so python benchmarks/bench_batched_decode.py  # A/B a build
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bitnet.bench import MODEL_SHAPES, _time_side_by_side, build_random_model, cpu_model
+from bitnet.ops import cpu
+
+SHAPES = {
+    "load": (dict(dim=1024, depth=12, heads=16, num_tokens=256), None),
+    "2b4t": (dict(MODEL_SHAPES["2b4t"], num_tokens=256), 4),
+}
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def time_batches(model, batches, pos: int, budget_s: float) -> dict[int, float]:
+    """Median seconds of one decode step per batch size B (all rows at position ``pos``), timed in rounds."""
+    max_len = pos + 2
+    fns = []
+    for b in batches:
+        caches = model.new_caches(b, max_len)
+        tokens = torch.randint(0, 256, (b, 1))                       # both shapes: vocabulary 256
+        positions = torch.full((b,), pos, dtype=torch.int64)
+        fns.append(lambda c=caches, t=tokens, p=positions: model(t, c, p))
+    with torch.inference_mode():
+        med, _ = _time_side_by_side(fns, budget_s, min_reps=5)
+    return dict(zip(batches, med))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="load,2b4t", help=f"comma-separated, of: {', '.join(SHAPES)}")
+    ap.add_argument("--batches", type=_positive_ints, default=[1, 2, 4, 8, 16], help="batch sizes (first: the base)")
+    ap.add_argument("--pos", type=int, default=100, help="position of every row (cache length - 1), default 100")
+    ap.add_argument("--threads", type=int, default=2, help="native threads (the blocks), default 2")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads (embedding, final norm, head), default 1: torch's spinning OpenMP "
+                         "workers beside the native pool's on 2 cores made the 2b4t B=16 step 2.6x slower")
+    ap.add_argument("--depth-2b4t", type=int, default=4, help="blocks of the 2b4t shape, default 4 (of 30)")
+    ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per shape, default 10")
+    args = ap.parse_args(argv)
+    shapes = args.shapes.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"--shapes: unknown shape {s!r} (known: {', '.join(SHAPES)})")
+    if args.pos < 0 or min(args.threads, args.torch_threads, args.depth_2b4t) < 1:
+        ap.error("--pos must be >= 0, --threads, --torch-threads and --depth-2b4t >= 1")
+    if not cpu.available():
+        print(f"native library not loaded: {cpu.LOAD_ERROR}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.torch_threads)
+    cpu.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()}; ISA {cpu.default_isa()}; {args.threads} native / {args.torch_threads} torch "
+          f"threads; rows at position {args.pos}; library {cpu.LIB_PATH}")
+    for name in shapes:
+        shape, depth = SHAPES[name]
+        depth = args.depth_2b4t if name == "2b4t" else depth
+        model = build_random_model(shape, "packed", depth=depth, max_seq_len=args.pos + 2)
+        times = time_batches(model, args.batches, args.pos, args.budget)
+        base = times[args.batches[0]] / args.batches[0]                   # seconds per token at the base B
+        layers = len(model.layers)
+        of = "" if depth is None else f" (of {MODEL_SHAPES[name]['depth']})"
+        print(f"\n{name}: dim {shape['dim']}, {layers} layers{of}, {shape['heads']} heads")
+        print(f"{'B':>4} {'ms/step':>9} {'tok/s':>8} {'x tok/s vs B=' + str(args.batches[0]):>16}")
+        for b in args.batches:
+            t = times[b]
+            print(f"{b:>4} {t * 1e3:>9.2f} {b / t:>8.0f} {base / (t / b):>16.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

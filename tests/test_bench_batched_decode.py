@@ -1,0 +1,37 @@
+"""benchmarks/bench_batched_decode.py runs end to end and rejects bad arguments with a clear error."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from bitnet.ops import cpu as native
+
+
+def _load():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batched_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_batched_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
+def test_batched_decode_bench_prints_a_row_per_batch(capsys):
+    mod = _load()
+    assert mod.main(["--shapes", "load", "--batches", "1,3", "--pos", "5", "--budget", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ISA" in out and "load: dim 1024, 12 layers" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "3"]
+    assert float(rows[0][3]) == 1.0 and all(float(r[1]) > 0 for r in rows)
+
+
+def test_batched_decode_bench_rejects_bad_arguments(capsys):
+    mod = _load()
+    with pytest.raises(SystemExit):
+        mod.main(["--shapes", "huge"])
+    assert "unknown shape 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--batches", "0,2"])
+    assert "positive integers" in capsys.readouterr().err

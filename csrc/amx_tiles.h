@@ -1,7 +1,7 @@
 // AMX helpers shared by the AMX kernels: the tile configuration (palette 1, all 8 tiles 16 rows x
 // 64 bytes) and a 16x16 int32 transpose for writing C tiles out as (token, row).
 // Include only from files compiled with -mamx-tile -mavx512f.
-// (csrc/kernel_amx.cpp still has its own copies of these; to be folded into this header.)
+// Used by kernel_amx.cpp (ternary GEMM) and int8_amx.cpp (int8 head).
 #pragma once
 #include <immintrin.h>
 
@@ -22,7 +22,7 @@ struct alignas(64) TileConfig {
 // Our tile configuration (8 tiles of 16 x 64 bytes) for the duration of one kernel call, and the
 // thread's previous one back at the end. Other AMX users on the same thread (oneDNN, under torch's
 // bf16 matmuls) configure the tiles once and keep running with that configuration: releasing the
-// tiles, or leaving ours loaded, under them corrupts memory (their tile stores of other shapes).
+// tiles, or leaving ours loaded, under them corrupts memory (their tile stores of other shapes; seen as segfaults in the test suite).
 class TileScope {
  public:
   TileScope() {

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 3
+#define BITNET_ABI_VERSION 4
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -141,6 +141,13 @@ BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
 BITNET_API int bitnet_prefetch_async(int n, const void* const* ptrs, const int64_t* lens);
 /* Stops a running prefetch and waits for it (before the ranges it reads are freed). */
 BITNET_API void bitnet_prefetch_wait(void);
+/* Layout of the structs of this ABI (bitnet_linear_set, bitnet_block), so that a loader can check its own
+ * declarations at load: struct s (0, 1, ...) is named bitnet_struct_name(s) (NULL past the last one) and
+ * is bitnet_struct_size(s) bytes (-1 past the last one); its field i (in declaration order) is named
+ * bitnet_struct_field(s, i, &offset) (NULL past the last field) and starts at byte `offset`. */
+BITNET_API const char* bitnet_struct_name(int s);
+BITNET_API int64_t bitnet_struct_size(int s);
+BITNET_API const char* bitnet_struct_field(int s, int field, int64_t* offset);
 /* Int8 weights (the int8 LM head of bitnet.nn.Int8Linear), w int8 (N, ldw):
  *   acc[m, n] = sum_k x[m, k] * w[n, k] (exact int32; K <= 131072), out int32 (M, ldo). */
 BITNET_API int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx,

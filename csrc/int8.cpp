@@ -1,11 +1,13 @@
-// Int8 weights x int8 activations (the int8 LM head of bitnet.nn.Int8Linear): driver, scalar kernel
-// and the C ABI functions bitnet_int8_matmul_int / bitnet_int8_linear (see bitnet_native.h).
+// Int8 weights x int8 activations (the int8 LM head of bitnet.nn.Int8Linear): scalar kernel, the int8
+// GEMM on the shared tiler (driver.h) and ISA resolver (isa.h), and the C ABI functions bitnet_int8_matmul_int / bitnet_int8_linear (see bitnet_native.h).
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "bitnet_native.h"
+#include "driver.h"
 #include "int8.h"
+#include "isa.h"
 
 namespace bitnet {
 
@@ -22,18 +24,6 @@ void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int
 }
 
 namespace {
-
-int8_gemm_fn int8_kernel_for(int isa) {
-#if defined(BITNET_HAVE_AMX)
-  if (isa == BITNET_ISA_AMX) return int8_gemm_amx;
-#endif
-#if defined(BITNET_HAVE_AVX2)
-  if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI || isa == BITNET_ISA_AMX)
-    return int8_gemm_avx2;
-#endif
-  (void)isa;
-  return int8_gemm_scalar;
-}
 
 struct Epi {
   const float* x_scale = nullptr;  // (M,) or null: int32 output
@@ -67,13 +57,7 @@ void run(int8_gemm_fn g, const Int8Args& a0, int64_t M, int64_t N, const Epi& e)
 #if defined(BITNET_HAVE_AMX)
   if (g == int8_gemm_amx) MB = 64;  // one weight A tile serves up to 4 blocks of 16 tokens
 #endif
-  const int64_t mt = (M + MB - 1) / MB;
-  int64_t NB = M <= 4 ? 256 : 64;
-  while (NB > 16 && mt * ((N + NB - 1) / NB) < nthreads * 8) NB /= 2;
-  const int64_t nt = (N + NB - 1) / NB;
-  native_parallel_for(mt * nt, [&](int64_t t) {
-    const int64_t mi = t / nt, ni = t % nt;
-    const int64_t m0 = mi * MB, m1 = std::min(M, m0 + MB), n0 = ni * NB, n1 = std::min(N, n0 + NB);
+  parallel_tiles(M, N, MB, M <= 4 ? 256 : 64, 16, 8, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     g(a, m0, m1, n0, n1);
     epilogue(e, a.out, a.ldo, m0, m1, n0, n1);
   });
@@ -95,11 +79,10 @@ int bitnet_int8_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, c
                            int64_t ldw, int32_t* out, int64_t ldo, int isa) {
   int rc = check(M, K, ldx, N, ldw, ldo);
   if (rc) return rc;
-  Kernel k;
-  int resolved;
-  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  IsaKernels ks;
+  if ((rc = resolve_isa(isa, &ks))) return rc;
   const Int8Args a{x, ldx, w, ldw, K, out, ldo};
-  run(int8_kernel_for(resolved), a, M, N, Epi{});
+  run(ks.int8, a, M, N, Epi{});
   return BITNET_OK;
 }
 
@@ -109,20 +92,19 @@ int bitnet_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, int bi
   int rc = check(M, K, ldx, N, ldw, ldo);
   if (rc) return rc;
   if (bits < 2 || bits > 8) return BITNET_EINVAL;
-  Kernel k;
-  int resolved;
-  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  IsaKernels ks;
+  if ((rc = resolve_isa(isa, &ks))) return rc;
   if (M == 0 || N == 0) return BITNET_OK;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs;
   const int64_t ldq = std::max<int64_t>(K, 1);
   if ((int64_t)xq.size() < M * ldq) xq.resize((size_t)(M * ldq));
   if ((int64_t)xs.size() < M) xs.resize((size_t)M);
-  if ((rc = bitnet_quantize_act(x, M, K, ldx, bits, eps, xq.data(), ldq, xs.data(), resolved))) return rc;
+  if ((rc = bitnet_quantize_act(x, M, K, ldx, bits, eps, xq.data(), ldq, xs.data(), ks.isa))) return rc;
   Epi e;
   e.x_scale = xs.data(); e.w_scale = w_scale; e.bias = bias;
   const Int8Args a{xq.data(), ldq, w, ldw, K, reinterpret_cast<int32_t*>(out), ldo};
-  run(int8_kernel_for(resolved), a, M, N, e);
+  run(ks.int8, a, M, N, e);
   return BITNET_OK;
 }
 

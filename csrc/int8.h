@@ -1,4 +1,5 @@
-// Int8 x int8 GEMM/GEMV (the int8 LM head): internal interface between api.cpp and int8*.cpp.
+// Int8 x int8 GEMM/GEMV (the int8 LM head): internal interface between int8.cpp, int8_avx2.cpp and the
+// ISA resolver (isa.cpp).
 //
 //   acc[m, n] = sum_k x[m, k] * w[n, k]          (exact int32; |x|, |w| <= 128, K <= 131072)
 //   y[m, n]   = acc[m, n] * w_scale[n] / x_scale[m] (+ bias[n])   (float32, this order)

@@ -1,5 +1,5 @@
-// Internal interface between the dispatcher (api.cpp) and the per-ISA kernels (kernel_*.cpp).
-// Each kernel file is compiled with its own target flags; api.cpp picks one at run time.
+// Internal interface between the driver (driver.cpp, isa.cpp) and the per-ISA kernels (kernel_*.cpp).
+// Each kernel file is compiled with its own target flags; isa.cpp picks one at run time.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -1,4 +1,5 @@
-// Services of api.cpp (thread pool, ISA dispatch) for the other drivers (int8.cpp, attention.cpp).
+// Services of driver.cpp (thread pool, float epilogue) for the other drivers (int8.cpp, attention.cpp);
+// the ISA resolver is isa.h.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -7,7 +8,6 @@
 
 namespace bitnet {
 
-int native_resolve(int isa, Kernel* k, int* resolved);   // BITNET_OK or BITNET_EISA
 int native_threads();
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 

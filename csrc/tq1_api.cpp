@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "native_services.h"
 #include "tq1.h"
 #include "tq1_native.h"
@@ -113,9 +114,9 @@ int bitnet_tq1_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, co
                           int64_t ldw, int32_t* out, int64_t ldo, int isa) {
   int rc = check(M, K, ldx, N, ldw, ldo);
   if (rc) return rc;
-  Kernel k;
-  int resolved;
-  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  IsaKernels ks;
+  if ((rc = resolve_isa(isa, &ks))) return rc;
+  const int resolved = ks.isa;
   if (M == 0 || N == 0) return BITNET_OK;
   const int64_t nblk = (K + 319) / 320, ldp = std::max<int64_t>(320 * nblk, 64);
   Tq1XBuf& xb = scratch(M, ldp);
@@ -131,9 +132,9 @@ int bitnet_tq1_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int 
   int rc = check(M, K, ldx, N, ldw, ldo);
   if (rc) return rc;
   if (bits < 2 || bits > 8) return BITNET_EINVAL;
-  Kernel k;
-  int resolved;
-  if ((rc = native_resolve(isa, &k, &resolved))) return rc;
+  IsaKernels ks;
+  if ((rc = resolve_isa(isa, &ks))) return rc;
+  const int resolved = ks.isa;
   if (M == 0 || N == 0) return BITNET_OK;
   const int64_t nblk = (K + 319) / 320, ldp = std::max<int64_t>(320 * nblk, 64);
   Tq1XBuf& xb = scratch(M, ldp);
@@ -152,10 +153,9 @@ int bitnet_tq1_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int 
 }
 
 const char* bitnet_tq1_kernel_name(int isa) {
-  Kernel k;
-  int resolved;
-  if (native_resolve(isa, &k, &resolved)) return nullptr;
-  return tq1_kernel_for(resolved).name;
+  IsaKernels ks;
+  if (resolve_isa(isa, &ks)) return nullptr;
+  return tq1_kernel_for(ks.isa).name;
 }
 
 }  // extern "C"

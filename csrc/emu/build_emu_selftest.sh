@@ -13,6 +13,6 @@ D=""; [ "${BITNET_EMU_DOTPROD:-0}" = "1" ] && D="-D__ARM_FEATURE_DOTPROD=1"
 ${CXX:-g++} $F $D -I"$here" -c "$src/kernel_neon.cpp" -o "$out/kernel_neon.o"
 ${CXX:-g++} $F -c "$src/kernel_scalar.cpp" -o "$out/kernel_scalar.o"
 ${CXX:-g++} $F -c "$src/threadpool.cpp" -o "$out/threadpool.o"
-${CXX:-g++} $F -c "$src/api.cpp" -o "$out/api.o"
+for f in api isa driver quantize int8; do ${CXX:-g++} $F -c "$src/$f.cpp" -o "$out/$f.o"; done
 ${CXX:-g++} $F "$src/selftest.cpp" "$out"/*.o -o "$out/selftest" -lpthread
 "$out/selftest"

@@ -19,8 +19,8 @@ from .nn.packed import PackedBitLinear
 def native_decode(model: nn.Module) -> bool:
     """True when ``model`` is packed and on the CPU with the native backend doing its matmuls."""
     param = next(iter(model.buffers()), None)
-    on_cpu = param is None or param.device.type == "cpu"
-    return on_cpu and ops.backend("cpu") == "cpu" and any(isinstance(m, PackedBitLinear) for m in model.modules())
+    device = "cpu" if param is None else param.device
+    return ops.native_on(device) and any(isinstance(m, PackedBitLinear) for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -266,7 +266,7 @@ def fused_runner(block, x: torch.Tensor) -> Optional[FusedBlock]:
     float32 CPU tensor that needs no gradient, plain eager, native CPU backend), else None."""
     if not _enabled or block.training or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3:
         return None
-    if (x.requires_grad and torch.is_grad_enabled()) or not ops.native_cpu_selected() or not ops._plain_eager(x):
+    if (x.requires_grad and torch.is_grad_enabled()) or not ops.native_on() or not ops._plain_eager(x):
         return None
     return FusedBlock.for_block(block)
 

@@ -19,6 +19,11 @@ see :mod:`bitnet.ops.cpu`), ``triton`` (CUDA). The choice is made once, at impor
 ``$BITNET_BACKEND`` (``auto`` | ``reference`` | ``cpu`` | ``triton``; default ``auto``: triton for
 CUDA tensors when triton is importable, cpu for CPU tensors when the native library loaded,
 reference otherwise). :func:`backend` says which one a device gets; :func:`set_backend` changes it.
+
+:data:`DISPATCH` is the one table ``{op: {backend: impl}}`` of every declared op (the int8 op of
+:mod:`bitnet.ops.int8` included): the op bodies and the eager fast path look their implementation up
+there. :func:`native_on` is the one answer to "do tensors on this device run on the native CPU
+library?", which every layer above (``runtime``, the fused native block) asks.
 """
 
 from __future__ import annotations
@@ -62,12 +67,24 @@ def set_backend(name: str) -> None:
     _requested = _parse_backend(name)
 
 
+def native_on(device="cpu") -> bool:
+    """True when tensors on ``device`` run on the native CPU library: the device is the CPU, the library
+    loaded and the backend is 'auto' or 'cpu'. Cheap (a hot-path check); never raises for a device."""
+    if device != "cpu" and (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
+        return False
+    return _requested in ("auto", "cpu") and _cpu.available()
+
+
+native_cpu_selected = native_on
+"""Former name of :func:`native_on` (CPU tensors), kept for callers of it."""
+
+
 def backend(device="cpu") -> str:
     """The backend that tensors on ``device`` use: 'reference', 'cpu' or 'triton'."""
     dev = torch.device(device).type
     if _requested == "auto":
         if dev == "cpu":
-            return "cpu" if _cpu.available() else "reference"
+            return "cpu" if native_on() else "reference"
         if dev == "cuda":
             return "triton" if _TRITON_IMPORTABLE else "reference"
         return "reference"
@@ -76,11 +93,6 @@ def backend(device="cpu") -> str:
     if _requested == "triton" and dev != "cuda":
         raise RuntimeError(f"BITNET_BACKEND is 'triton' but the tensors are on {dev} (triton needs CUDA)")
     return _requested
-
-
-def native_cpu_selected() -> bool:
-    """True when CPU tensors run on the native backend (a cheap check for hot paths)."""
-    return _requested in ("auto", "cpu") and _cpu.available()
 
 
 def set_num_threads(n: int) -> None:
@@ -168,18 +180,40 @@ def _check_scales(m, n, device, x_scale, w_scale, bias):
 # ------------------------------------------------------------------------------------------------
 # Declared ops. The bodies dispatch on the backend of the tensors' device.
 
-def _impl_matmul_int(x_q, w_packed, in_features):
-    b = backend(x_q.device)
-    if b == "cpu":
-        return _cpu.matmul_int(x_q, w_packed, in_features)
-    if b == "triton":
-        return _triton().triton_ternary_matmul_int(x_q, w_packed, in_features)
-    return _ref.matmul_int(x_q, w_packed, in_features)
+def impl(op: str, device):
+    """The implementation of declared op ``op`` ('bitnet::...') for tensors on ``device``: DISPATCH[op][backend]."""
+    return DISPATCH[op][backend(device)]
+
+
+# Backend implementations with the ops' signatures (the native and Triton functions take plain floats,
+# float32 scales or a separate quantisation step).
+
+def _cpu_linear(x_q, x_scale, w_packed, w_scale, in_features, bias):
+    return _cpu.linear(x_q, x_scale, w_packed, float(w_scale), in_features, bias)
+
+
+def _cpu_bitlinear(x, w_packed, w_scale, in_features, bias, bits):
+    return _cpu.bitlinear(x, w_packed, float(w_scale), in_features, bias, bits)
+
+
+def _triton_matmul_int(x_q, w_packed, in_features):
+    return _triton().triton_ternary_matmul_int(x_q, w_packed, in_features)
+
+
+def _triton_linear(x_q, x_scale, w_packed, w_scale, in_features, bias):
+    return _triton().triton_ternary_linear(x_q, x_scale.to(torch.float32), w_packed, w_scale.to(torch.float32),
+                                           in_features, bias)
+
+
+def _triton_bitlinear(x, w_packed, w_scale, in_features, bias, bits):
+    tb = _triton()
+    x_q, x_scale = tb.triton_quantize_activations(x, bits)
+    return tb.triton_ternary_linear(x_q, x_scale, w_packed, w_scale.to(torch.float32), in_features, bias)
 
 
 @torch.library.custom_op("bitnet::ternary_matmul_int", mutates_args=())
 def _op_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    return _impl_matmul_int(x_q, w_packed, in_features)
+    return impl("bitnet::ternary_matmul_int", x_q.device)(x_q, w_packed, in_features)
 
 
 @_op_matmul_int.register_fake
@@ -188,20 +222,10 @@ def _(x_q, w_packed, in_features):
     return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
 
 
-def _impl_linear(x_q, x_scale, w_packed, w_scale, in_features, bias):
-    b = backend(x_q.device)
-    if b == "cpu":
-        return _cpu.linear(x_q, x_scale, w_packed, float(w_scale), in_features, bias)
-    if b == "triton":
-        return _triton().triton_ternary_linear(x_q, x_scale.to(torch.float32), w_packed, w_scale.to(torch.float32),
-                                               in_features, bias)
-    return _ref.linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
-
-
 @torch.library.custom_op("bitnet::ternary_linear", mutates_args=())
 def _op_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _impl_linear(x_q, x_scale, w_packed, w_scale, in_features, bias)
+    return impl("bitnet::ternary_linear", x_q.device)(x_q, x_scale, w_packed, w_scale, in_features, bias)
 
 
 @_op_linear.register_fake
@@ -211,21 +235,10 @@ def _(x_q, x_scale, w_packed, w_scale, in_features, bias):
     return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.float32)
 
 
-def _impl_bitlinear(x, w_packed, w_scale, in_features, bias, bits):
-    b = backend(x.device)
-    if b == "cpu":
-        return _cpu.bitlinear(x, w_packed, float(w_scale), in_features, bias, bits)
-    if b == "triton":
-        tb = _triton()
-        x_q, x_scale = tb.triton_quantize_activations(x, bits)
-        return tb.triton_ternary_linear(x_q, x_scale, w_packed, w_scale.to(torch.float32), in_features, bias)
-    return _ref.bitlinear(x, w_packed, w_scale, in_features, bias, bits)
-
-
 @torch.library.custom_op("bitnet::bitlinear_packed", mutates_args=())
 def _op_bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
                   bias: Optional[torch.Tensor], bits: int) -> torch.Tensor:
-    return _impl_bitlinear(x, w_packed, w_scale, in_features, bias, bits)
+    return impl("bitnet::bitlinear_packed", x.device)(x, w_packed, w_scale, in_features, bias, bits)
 
 
 @_op_bitlinear.register_fake
@@ -326,7 +339,7 @@ def ternary_matmul_int(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: i
         _check_matmul_args(_flat(x_q), w_packed, in_features)
         return ternary_matmul_int(_flat(x_q), w_packed, in_features).reshape(*x_q.shape[:-1], w_packed.shape[0])
     _check_matmul_args(x_q, w_packed, in_features)
-    op = _impl_matmul_int if _plain_eager(x_q, w_packed) else _op_matmul_int
+    op = impl("bitnet::ternary_matmul_int", x_q.device) if _plain_eager(x_q, w_packed) else _op_matmul_int
     return op(x_q, w_packed, in_features)
 
 
@@ -350,7 +363,7 @@ def ternary_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Ten
     _check_scales(x_q.shape[0], w_packed.shape[0], x_q.device, x_scale, w_scale, bias)
     if x_scale.dim() == 1:
         x_scale = x_scale.reshape(-1, 1)
-    op = _impl_linear if _plain_eager(x_q, x_scale, w_packed, w_scale, bias) else _op_linear
+    op = impl("bitnet::ternary_linear", x_q.device) if _plain_eager(x_q, x_scale, w_packed, w_scale, bias) else _op_linear
     y = op(x_q, x_scale, w_packed, w_scale, in_features, bias)
     return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
 
@@ -370,12 +383,27 @@ def bitlinear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
     if isinstance(x, torch.Tensor) and x.dim() > 2:
         x = _flat(x)
     _check_bitlinear_args(x, w_packed, w_scale, in_features, bias, bits)
-    op = _impl_bitlinear if _plain_eager(x, w_packed, w_scale, bias) else _op_bitlinear
+    op = impl("bitnet::bitlinear_packed", x.device) if _plain_eager(x, w_packed, w_scale, bias) else _op_bitlinear
     y = op(x, w_packed, w_scale, in_features, bias, bits)
     return y.reshape(*lead, w_packed.shape[0]) if len(lead) != 1 else y
 
 
+# ------------------------------------------------------------------------------------------------
+# The dispatch table. The int8 op lives in its own module (it needs the names above).
+
+from . import int8 as _int8  # noqa: E402
+
+DISPATCH: dict[str, dict[str, object]] = {
+    "bitnet::ternary_matmul_int": {"reference": _ref.matmul_int, "cpu": _cpu.matmul_int, "triton": _triton_matmul_int},
+    "bitnet::ternary_linear": {"reference": _ref.linear, "cpu": _cpu_linear, "triton": _triton_linear},
+    "bitnet::bitlinear_packed": {"reference": _ref.bitlinear, "cpu": _cpu_bitlinear, "triton": _triton_bitlinear},
+    "bitnet::int8_linear": {"reference": _int8.reference_linear, "cpu": _int8.native_linear,
+                            "triton": _int8.triton_linear},
+}
+"""``{op: {backend: impl}}`` for every declared op (``torch.ops.bitnet.*``) and every backend of
+:func:`backend` ('reference', 'cpu', 'triton'); each impl takes the op's arguments."""
+
 __all__ = [
-    "BACKENDS", "backend", "bitlinear_packed", "get_num_threads", "native_info", "set_backend",
-    "set_num_threads", "ternary_input_grad", "ternary_linear", "ternary_matmul_int",
+    "BACKENDS", "DISPATCH", "backend", "bitlinear_packed", "get_num_threads", "impl", "native_info", "native_on",
+    "set_backend", "set_num_threads", "ternary_input_grad", "ternary_linear", "ternary_matmul_int",
 ]

@@ -32,7 +32,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -53,35 +53,104 @@ def _candidates() -> list[Path]:
     return out
 
 
+_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+SIGNATURES = {
+    "bitnet_abi_version": ([], _I),
+    "bitnet_isa_name": ([_I], ctypes.c_char_p),
+    "bitnet_isa_compiled": ([_I], _I),
+    "bitnet_isa_supported": ([_I], _I),
+    "bitnet_best_isa": ([], _I),
+    "bitnet_get_default_isa": ([], _I),
+    "bitnet_set_default_isa": ([_I], _I),
+    "bitnet_cpu_name": ([], ctypes.c_char_p),
+    "bitnet_isa_peak_gmacs": ([_I], ctypes.c_double),
+    "bitnet_set_num_threads": ([_I], None),
+    "bitnet_get_num_threads": ([], _I),
+    "bitnet_matmul_int": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I], _I),
+    "bitnet_linear": ([_P, _P, _I64, _I64, _I64, _P, _I64, _I64, _F, _P, _P, _I64, _I], _I),
+    "bitnet_quantize_act": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _P, _I], _I),
+    "bitnet_bitlinear": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _I64, _F, _P, _P, _I64, _I], _I),
+    "bitnet_prefetch_async": ([_I, _P, _P], _I),
+    "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _I64, _P, _I], _I),
+    "bitnet_block_activation": ([_I], ctypes.c_char_p),
+    "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _P, _P], _I),
+    "bitnet_prefetch_wait": ([], None),
+    "bitnet_bitlinear_multi": ([_P, _I64, _I64, _I64, _I, _F, _P, _F, _I, _P, _P, _I64, _P, _P, _P, _I64, _I], _I),
+    "bitnet_int8_matmul_int": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I], _I),
+    "bitnet_int8_linear": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _I64, _P, _P, _P, _I64, _I], _I),
+    "bitnet_struct_name": ([_I], ctypes.c_char_p),
+    "bitnet_struct_size": ([_I], _I64),
+    "bitnet_struct_field": ([_I, _I, ctypes.POINTER(_I64)], ctypes.c_char_p),
+}
+"""The C ABI of ``csrc/bitnet_native.h`` as ctypes sees it, the one declaration on the Python side:
+function name -> (argument types, result type). Every function is declared at load."""
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    sig = {
-        "bitnet_abi_version": ([], I),
-        "bitnet_isa_name": ([I], ctypes.c_char_p),
-        "bitnet_isa_compiled": ([I], I),
-        "bitnet_isa_supported": ([I], I),
-        "bitnet_best_isa": ([], I),
-        "bitnet_get_default_isa": ([], I),
-        "bitnet_set_default_isa": ([I], I),
-        "bitnet_cpu_name": ([], ctypes.c_char_p),
-        "bitnet_isa_peak_gmacs": ([I], ctypes.c_double),
-        "bitnet_set_num_threads": ([I], None),
-        "bitnet_get_num_threads": ([], I),
-        "bitnet_matmul_int": ([P, I64, I64, I64, P, I64, I64, P, I64, I], I),
-        "bitnet_linear": ([P, P, I64, I64, I64, P, I64, I64, F, P, P, I64, I], I),
-        "bitnet_quantize_act": ([P, I64, I64, I64, I, F, P, I64, P, I], I),
-        "bitnet_bitlinear": ([P, I64, I64, I64, I, F, P, I64, I64, F, P, P, I64, I], I),
-        "bitnet_prefetch_async": ([I, P, P], I),
-        "bitnet_block_forward": ([P, P, I64, I64, P, P, I64, P, I], I),
-        "bitnet_block_activation": ([I], ctypes.c_char_p),
-        "bitnet_attention_step": ([P, I64, I64, I64, I64, I64, P, P, I64, P, P, I64, P, P], I),
-        "bitnet_prefetch_wait": ([], None),
-        "bitnet_bitlinear_multi": ([P, I64, I64, I64, I, F, P, F, I, P, P, I64, P, P, P, I64, I], I),
-    }
-    for name, (args, res) in sig.items():
+    for name, (args, res) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = res
+
+
+class _LinearSet(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int32), ("reserved", ctypes.c_int32), ("in_features", ctypes.c_int64),
+                ("ldw", ctypes.c_int64), ("w", ctypes.c_void_p * 3), ("rows", ctypes.c_int64 * 3),
+                ("scale", ctypes.c_void_p * 3), ("bias", ctypes.c_void_p * 3)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("activation", ctypes.c_int32), ("gated", ctypes.c_int32), ("act_eps", ctypes.c_float),
+                ("attn_norm", ctypes.c_void_p), ("attn_norm_eps", ctypes.c_float),
+                ("sub_norm", ctypes.c_void_p), ("sub_norm_eps", ctypes.c_float),
+                ("ffn_norm", ctypes.c_void_p), ("ffn_norm_eps", ctypes.c_float),
+                ("post_norm", ctypes.c_void_p), ("post_norm_eps", ctypes.c_float),
+                ("qkv", _LinearSet), ("o", _LinearSet), ("gate_up", _LinearSet), ("down", _LinearSet),
+                ("cos_table", ctypes.c_void_p), ("sin_table", ctypes.c_void_p), ("table_len", ctypes.c_int64)]
+
+
+STRUCTS = {"bitnet_linear_set": _LinearSet, "bitnet_block": _Block}
+"""The structs passed across the C ABI: C name -> ctypes declaration, checked against the library's own
+layout table (``bitnet_struct_*``) at load."""
+
+
+def _c_struct_layout(lib: ctypes.CDLL, index: int) -> tuple[int, list[tuple[str, int]]]:
+    """(sizeof, [(field, offset), ...]) of the library's struct number ``index``."""
+    fields, off = [], ctypes.c_int64()
+    while (name := lib.bitnet_struct_field(index, len(fields), ctypes.byref(off))) is not None:
+        fields.append((name.decode(), off.value))
+    return int(lib.bitnet_struct_size(index)), fields
+
+
+def check_struct_layouts(lib: ctypes.CDLL, structs: dict) -> None:
+    """Compare every struct the library describes with its ctypes declaration in ``structs`` (C name ->
+    ctypes.Structure): same fields in the same order, same offsets, same size. RuntimeError naming the
+    struct and the first difference otherwise."""
+    c_names = []
+    while (name := lib.bitnet_struct_name(len(c_names))) is not None:
+        c_names.append(name.decode())
+    missing = sorted(set(structs) - set(c_names))
+    if missing:
+        raise RuntimeError(f"the native library does not describe struct {', '.join(missing)}")
+    for index, name in enumerate(c_names):
+        cls = structs.get(name)
+        if cls is None:
+            raise RuntimeError(f"struct {name} of the native library has no ctypes declaration in bitnet.ops.cpu")
+        size, c_fields = _c_struct_layout(lib, index)
+        py_fields = [(f[0], getattr(cls, f[0]).offset) for f in cls._fields_]
+        if [f for f, _ in c_fields] != [f for f, _ in py_fields]:
+            raise RuntimeError(f"struct {name} has fields {[f for f, _ in c_fields]} in C but ctypes "
+                               f"{cls.__name__} declares {[f for f, _ in py_fields]}")
+        for (field, c_off), (_, py_off) in zip(c_fields, py_fields):
+            if c_off != py_off:
+                raise RuntimeError(f"struct {name} field {field!r} is at byte {c_off} in C but at byte {py_off} "
+                                   f"in ctypes {cls.__name__}")
+        if size != ctypes.sizeof(cls):
+            raise RuntimeError(f"struct {name} is {size} bytes in C but ctypes {cls.__name__} is "
+                               f"{ctypes.sizeof(cls)} bytes")
 
 
 def _load() -> None:
@@ -106,6 +175,11 @@ def _load() -> None:
             _declare(lib)
         except AttributeError as e:
             LOAD_ERROR = f"{path} lacks a function of ABI version {_ABI_VERSION} ({e}; rebuild: pip install .)"
+            return
+        try:
+            check_struct_layouts(lib, STRUCTS)
+        except RuntimeError as e:
+            LOAD_ERROR = f"{path}: {e} (rebuild: pip install .)"
             return
         _lib, LIB_PATH = lib, str(path)
         return
@@ -371,24 +445,6 @@ class BitLinearGroup:
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of each matrix's output in ``y`` (..., sum N)."""
         return torch.split(y, self.sizes, dim=-1)
-
-
-class _LinearSet(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int32), ("reserved", ctypes.c_int32), ("in_features", ctypes.c_int64),
-                ("ldw", ctypes.c_int64), ("w", ctypes.c_void_p * 3), ("rows", ctypes.c_int64 * 3),
-                ("scale", ctypes.c_void_p * 3), ("bias", ctypes.c_void_p * 3)]
-
-
-class _Block(ctypes.Structure):
-    _fields_ = [("dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
-                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("activation", ctypes.c_int32), ("gated", ctypes.c_int32), ("act_eps", ctypes.c_float),
-                ("attn_norm", ctypes.c_void_p), ("attn_norm_eps", ctypes.c_float),
-                ("sub_norm", ctypes.c_void_p), ("sub_norm_eps", ctypes.c_float),
-                ("ffn_norm", ctypes.c_void_p), ("ffn_norm_eps", ctypes.c_float),
-                ("post_norm", ctypes.c_void_p), ("post_norm_eps", ctypes.c_float),
-                ("qkv", _LinearSet), ("o", _LinearSet), ("gate_up", _LinearSet), ("down", _LinearSet),
-                ("cos_table", ctypes.c_void_p), ("sin_table", ctypes.c_void_p), ("table_len", ctypes.c_int64)]
 
 
 def _block_activations() -> tuple[str, ...]:

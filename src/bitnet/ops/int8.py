@@ -10,44 +10,30 @@ with one float32 scale per output row it is 4x smaller, and the product runs in 
 ``x_q, x_scale`` is the per-token absmax int8 quantisation of :func:`bitnet.quant.activation_quant_int8`
 (``x_scale = 127 / max|x|``); ``w_scale[n] = max|W[n]| / 127`` (:func:`quantize_weight_int8`).
 
-Backends: the native CPU library (AVX2, scalar; bitnet_int8_* in ``csrc/int8*.cpp``) for CPU tensors
-when it is loaded and has these functions, the pure-torch reference otherwise (any device).
+Backends: the entry ``bitnet::int8_linear`` of :data:`bitnet.ops.DISPATCH` (the native CPU library,
+bitnet_int8_* in ``csrc/int8*.cpp``; Triton on CUDA; the pure-torch reference on any device), chosen
+as for the ternary ops by :func:`bitnet.ops.backend`.
 ``int8_linear`` is differentiable with respect to x (straight-through the activation quantiser, frozen
 weights: :func:`int8_input_grad`).
 """
 
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 
-from ..quant import activation_quant_int8
+from ..quant import activation_quant_int8, check_bits
+from . import _plain_eager, backend, impl, native_on
 from . import cpu as _cpu
 
 MAX_K = 131072
 """Largest in_features of the native kernel (int32 accumulators stay exact)."""
 
 
-def _declare():
-    lib = _cpu._lib
-    if lib is None or not hasattr(lib, "bitnet_int8_linear"):
-        return None
-    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.bitnet_int8_matmul_int.argtypes = [P, I64, I64, I64, P, I64, I64, P, I64, I]
-    lib.bitnet_int8_matmul_int.restype = I
-    lib.bitnet_int8_linear.argtypes = [P, I64, I64, I64, I, F, P, I64, I64, P, P, P, I64, I]
-    lib.bitnet_int8_linear.restype = I
-    return lib
-
-
-_lib = _declare()
-
-
 def native_available() -> bool:
-    """True when the native library is loaded and has the int8 kernels."""
-    return _lib is not None
+    """True when CPU tensors run on the native int8 kernels: :func:`bitnet.ops.native_on` (kept name)."""
+    return native_on("cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,18 +77,20 @@ def _check_w(w_q, k):
         raise ValueError(f"the input has {k} features but w_q has {w_q.shape[1]} columns")
 
 
-def _native_ok(*ts) -> bool:
-    return _lib is not None and all(t is None or (t.device.type == "cpu" and not t.is_meta) for t in ts) \
-        and not any(t is not None and t.requires_grad for t in ts) and _backend_cpu()
-
-
-def _backend_cpu() -> bool:
-    from . import backend
-    return backend("cpu") == "cpu"
-
-
-def _isa(isa):
-    return _cpu.isa_id(isa)
+def _check_linear_args(x, w_q, w_scale, bias, bits):
+    """The checks of int8_linear on x (M, K) (shared by the eager path and the fake impl)."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError("x must be a floating point tensor (..., K)")
+    _check_w(w_q, x.shape[-1])
+    n = w_q.shape[0]
+    if not isinstance(w_scale, torch.Tensor) or tuple(w_scale.shape) != (n,):
+        raise ValueError(f"w_scale must have shape ({n},), got {tuple(getattr(w_scale, 'shape', ()))}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be None or a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
+    for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_bits(bits)
 
 
 def int8_matmul_int(x_q: torch.Tensor, w_q: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
@@ -112,12 +100,15 @@ def int8_matmul_int(x_q: torch.Tensor, w_q: torch.Tensor, isa: Optional[str] = N
     _check_w(w_q, x_q.shape[-1])
     lead, k, n = x_q.shape[:-1], x_q.shape[-1], w_q.shape[0]
     x2 = x_q.reshape(-1, k)
-    if not _native_ok(x2, w_q) or k > MAX_K:
+    if w_q.device != x2.device:
+        raise ValueError(f"w_q is on {w_q.device} but x_q is on {x2.device}")
+    if not native_on(x2.device) or x2.is_meta or k > MAX_K:
         return reference_matmul_int(x2, w_q).reshape(*lead, n)
     x2, w_q = x2.contiguous(), w_q.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=torch.int32)
-    rc = _lib.bitnet_int8_matmul_int(x2.data_ptr(), m, k, k, w_q.data_ptr(), n, k, out.data_ptr(), n, _isa(isa))
+    rc = _cpu._need().bitnet_int8_matmul_int(x2.data_ptr(), m, k, k, w_q.data_ptr(), n, k, out.data_ptr(), n,
+                                              _cpu.isa_id(isa))
     _cpu._check_rc(rc, "int8_matmul_int")
     return out.reshape(*lead, n)
 
@@ -126,29 +117,30 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
                 bits: int = 8, isa: Optional[str] = None) -> torch.Tensor:
     """Int8 linear: per-token absmax quantisation of x (..., K) to ``bits``, exact integer product with
     w_q (N, K) int8, then ``acc * w_scale[n] / x_scale (+ bias)``. Returns float32 (..., N)."""
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError("x must be a floating point tensor (..., K)")
-    _check_w(w_q, x.shape[-1])
+    _check_linear_args(x, w_q, w_scale, bias, bits)
     lead, k, n = x.shape[:-1], x.shape[-1], w_q.shape[0]
-    if tuple(w_scale.shape) != (n,):
-        raise ValueError(f"w_scale must have shape ({n},), got {tuple(w_scale.shape)}")
     x2 = x.reshape(-1, k)
+    if isa is not None and backend(x2.device) == "cpu":
+        return native_linear(x2, w_q, w_scale, bias, int(bits), isa).reshape(*lead, n)   # an ISA asked for
     if isa is None and not _plain_eager(x2, w_q, w_scale, bias):
         return _op_int8_linear(x2, w_q, w_scale, bias, int(bits)).reshape(*lead, n)   # traceable op
-    return _impl_int8_linear(x2, w_q, w_scale, bias, int(bits), isa).reshape(*lead, n)
+    return impl("bitnet::int8_linear", x2.device)(x2, w_q, w_scale, bias, int(bits)).reshape(*lead, n)
 
 
-def _impl_int8_linear(x2, w_q, w_scale, bias, bits, isa=None):
-    """The backend's int8 linear of x2 (M, K): native CPU, Triton (CUDA), else the torch reference."""
-    from . import backend
+# Backend implementations of bitnet::int8_linear (the "reference" one is reference_linear), x2 (M, K).
 
+def triton_linear(x2, w_q, w_scale, bias, bits):
+    """Triton (CUDA): quantise the activations, then the int8 kernel."""
+    from . import triton_backend as tb
+
+    x_q, x_scale = tb.triton_quantize_activations(x2, bits)
+    return tb.triton_int8_linear(x_q, x_scale, w_q, w_scale.float(), bias)
+
+
+def native_linear(x2, w_q, w_scale, bias, bits, isa=None):
+    """The native CPU library (the torch reference past MAX_K features, where int32 could overflow)."""
     k, n = x2.shape[1], w_q.shape[0]
-    if x2.device.type != "cpu" and backend(x2.device) == "triton":
-        from . import triton_backend as tb
-
-        x_q, x_scale = tb.triton_quantize_activations(x2, bits)
-        return tb.triton_int8_linear(x_q, x_scale, w_q, w_scale.float(), bias)
-    if not _native_ok(x2, w_q, w_scale, bias) or k > MAX_K:
+    if k > MAX_K:
         return reference_linear(x2, w_q, w_scale, bias, bits)
     x2 = x2.float().contiguous() if x2.dtype != torch.float32 or not x2.is_contiguous() else x2
     w_q = w_q.contiguous()
@@ -156,8 +148,9 @@ def _impl_int8_linear(x2, w_q, w_scale, bias, bits, isa=None):
     b = None if bias is None else bias.float().contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    rc = _lib.bitnet_int8_linear(x2.data_ptr(), m, k, k, int(bits), 1e-5, w_q.data_ptr(), n, k, ws.data_ptr(),
-                                 None if b is None else b.data_ptr(), out.data_ptr(), n, _isa(isa))
+    rc = _cpu._need().bitnet_int8_linear(x2.data_ptr(), m, k, k, int(bits), 1e-5, w_q.data_ptr(), n, k,
+                                         ws.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), n,
+                                         _cpu.isa_id(isa))
     _cpu._check_rc(rc, "int8_linear")
     return out
 
@@ -165,11 +158,12 @@ def _impl_int8_linear(x2, w_q, w_scale, bias, bits, isa=None):
 @torch.library.custom_op("bitnet::int8_linear", mutates_args=())
 def _op_int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     bits: int) -> torch.Tensor:
-    return _impl_int8_linear(x, w_q, w_scale, bias, bits)
+    return impl("bitnet::int8_linear", x.device)(x, w_q, w_scale, bias, bits)
 
 
 @_op_int8_linear.register_fake
 def _(x, w_q, w_scale, bias, bits):
+    _check_linear_args(x, w_q, w_scale, bias, bits)
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
 
 
@@ -208,11 +202,5 @@ def _backward(ctx, grad_y):
 _op_int8_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _plain_eager(*tensors) -> bool:
-    from . import _plain_eager as plain
-
-    return plain(*tensors)
-
-
-__all__ = ["MAX_K", "int8_input_grad", "int8_linear", "int8_matmul_int", "native_available", "quantize_weight_int8",
-           "reference_linear", "reference_matmul_int"]
+__all__ = ["MAX_K", "int8_input_grad", "int8_linear", "int8_matmul_int", "native_available", "native_linear",
+           "quantize_weight_int8", "reference_linear", "reference_matmul_int", "triton_linear"]

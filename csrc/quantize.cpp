@@ -1,0 +1,116 @@
+// Activation quantiser of the native backend: per-token absmax int8 codes and scales, non-finite rows,
+// the RMSNorm folded into the quantisation of bitnet_bitlinear_multi. See quantize.h.
+#include "quantize.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace bitnet {
+namespace {
+
+// s = (1 / max(amax, eps)) * Qp in float32, exactly as torch evaluates `qp / amax.clamp(min=eps)`
+// (Tensor.__rtruediv__ is reciprocal() * other).
+float act_scale(float amax, float eps, int qp) {
+  const float a = amax < eps ? eps : amax;
+  const float r = 1.0f / a;
+  return r * (float)qp;
+}
+
+// sum_k x[k]^2 in float64 (each square is exact), in 8 interleaved partial sums added pairwise: a fixed
+// order (the same result on every ISA and thread count) without one long chain of dependent adds.
+double sum_squares(const float* x, int64_t K) {
+  double acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += (double)x[i + l] * (double)x[i + l];
+  for (int l = 0; i < K; ++i, ++l) acc[l] += (double)x[i] * (double)x[i];
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+// Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
+// so this is the check that keeps a non-finite row from being quantised as if it were finite: an
+// integer OR-reduction over a row the absmax has just read (in L1), vectorised by the compiler.
+bool row_nonfinite(const float* x, int64_t K) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= (u & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad != 0;
+}
+
+// Scale of a non-finite row, as bitnet.quant.activation_quant_int8 computes it: Qp / max|x| is NaN
+// when the row holds a NaN, else 0 (max|x| = inf). Its codes are all 0 (torch turns NaN into int8 0),
+// so every output of the row is NaN (0 / 0 or 0 / NaN in the float epilogue), as in the reference.
+float nonfinite_scale(const float* x, int64_t K) {
+  for (int64_t i = 0; i < K; ++i)
+    if (x[i] != x[i]) return std::numeric_limits<float>::quiet_NaN();
+  return 0.0f;
+}
+
+}  // namespace
+
+// Per-token absmax quantisation of x (M, K) float32 into the kernel layout of xb; xs[m] = scale.
+// With norm_weight, each row is first RMS-normalised as bitnet.nn.RMSNorm does in float32:
+//   y = (x * rsqrt(mean(x^2) + norm_eps)) * norm_weight
+void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                   const float* norm_weight, float norm_eps, XBuf& xb, float* xs) {
+  prepare(xb, M, K, k);
+  const int qp = (1 << (bits - 1)) - 1;
+  const bool inter = k.pair_interleave != 0;
+  if (inter && (int64_t)xb.tmp.size() < M * K) xb.tmp.resize((size_t)(M * K));
+  int8_t* tmp_all = xb.tmp.data();
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    std::vector<float> normed(norm_weight ? (size_t)K : 0);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * ldx;
+      if (norm_weight) {
+        const float r = 1.0f / std::sqrt((float)(sum_squares(xr, K) / (double)K) + norm_eps);
+        for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
+        xr = normed.data();
+      }
+      int8_t* dst = xb.x.data() + m * xb.ldx;
+      if (row_nonfinite(xr, K)) {            // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+        xs[m] = nonfinite_scale(xr, K);
+        std::memset(dst, 0, (size_t)xb.ldx);
+        xb.sum[m] = 0;
+        continue;
+      }
+      const float s = act_scale(k.absmax(xr, K), eps, qp);
+      xs[m] = s;
+      if (!inter) {
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
+        std::memset(dst + K, 0, (size_t)(xb.ldx - K));
+        int32_t sum = 0;
+        for (int64_t i = 0; i < K; ++i) sum += dst[i];
+        xb.sum[m] = sum;
+      } else {
+        int8_t* t = tmp_all + m * K;
+        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, t);
+        xb.sum[m] = place_row(t, K, dst, xb.ldx, true);
+      }
+    }
+  });
+}
+
+void quantize_act(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                  int8_t* xq, int64_t ldq, float* scale) {
+  const int qp = (1 << (bits - 1)) - 1;
+  for_tokens(M, K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (row_nonfinite(x + m * ldx, K)) {   // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+        scale[m] = nonfinite_scale(x + m * ldx, K);
+        std::memset(xq + m * ldq, 0, (size_t)K);
+        continue;
+      }
+      const float s = act_scale(k.absmax(x + m * ldx, K), eps, qp);
+      scale[m] = s;
+      k.quant(x + m * ldx, K, s, (float)(-qp - 1), (float)qp, xq + m * ldq);
+    }
+  });
+}
+
+}  // namespace bitnet

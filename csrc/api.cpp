@@ -484,6 +484,10 @@ int native_resolve(int isa, Kernel* k, int* resolved) {
   return resolve_isa(isa, k);
 }
 int native_threads() { return pool()->size(); }
+// RMSNorm factor of a row as quantize_rows computes it (the TQ1 driver normalises with it, bit for bit)
+float native_rms_factor(const float* x, int64_t K, float eps) {
+  return 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
+}
 
 void float_epilogue(int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                     const float* x_scale, float w_scale, const float* w_scale_n, const float* bias) {

@@ -312,6 +312,9 @@ class BitLinearGroup:
         in_features: K. bits: activation bits (2..8). eps: activation-scale clamp.
     """
 
+    format = 0
+    """Weight layout code of the native block's linear sets (BITNET_WEIGHTS_I2; TQ1 groups: 1)."""
+
     def __init__(self, weights, scales, biases, in_features: int, bits: int = 8, eps: float = 1e-5,
                  isa: Optional[str] = None):
         if not weights or len(weights) != len(scales) or len(weights) != len(biases):
@@ -374,7 +377,7 @@ class BitLinearGroup:
 
 
 class _LinearSet(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int32), ("reserved", ctypes.c_int32), ("in_features", ctypes.c_int64),
+    _fields_ = [("n", ctypes.c_int32), ("format", ctypes.c_int32), ("in_features", ctypes.c_int64),
                 ("ldw", ctypes.c_int64), ("w", ctypes.c_void_p * 3), ("rows", ctypes.c_int64 * 3),
                 ("scale", ctypes.c_void_p * 3), ("bias", ctypes.c_void_p * 3)]
 
@@ -448,7 +451,7 @@ class NativeBlock:
             setattr(b, name + "_eps", float(eps))
         for name, g in (("qkv", qkv), ("o", o), ("gate_up", gu), ("down", down)):
             s = getattr(b, name)
-            s.n, s.in_features, s.ldw = len(g.sizes), g.in_features, g.ldw
+            s.n, s.format, s.in_features, s.ldw = len(g.sizes), g.format, g.in_features, g.ldw
             for i in range(len(g.sizes)):
                 s.w[i], s.rows[i], s.scale[i], s.bias[i] = g._w[i], g._n[i], g._s[i], g._b[i]
         b.cos_table, b.sin_table, b.table_len = cos.data_ptr(), sin.data_ptr(), cos.shape[0]

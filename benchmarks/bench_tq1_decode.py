@@ -9,15 +9,17 @@ order (so that all variants see the same machine load):
 
 * ``i2 fused``:   the I2 model on its default path (one native call per block);
 * ``i2 modules``: the I2 model with the fused block switched off (one native call per linear);
-* ``tq1 modules``: the TQ1 model (module path: the fused block reads I2 only).
+* ``tq1 fused``:  the TQ1 model on the same fused path (its linear sets have format TQ1);
+* ``tq1 modules``: the TQ1 model with the fused block switched off.
 
 * ``i2 linears`` / ``tq1 linears``: only the token's matmuls (every projection in model order, then the
   int8 head), straight native calls: the weight streaming of a step without attention, norms or Python.
 
-``tq1`` vs ``i2`` on the same path is the like-for-like comparison of the weight formats. Per variant:
-median and fastest step (tok/s) and the bytes read per token (``bitnet.bench.decode_bytes_per_token``).
+``tq1`` vs ``i2`` on the same path is the like-for-like comparison of the weight formats (``tq1 fused``
+vs ``i2 fused``: the default path). Per variant: median and fastest step (tok/s), the bytes read per
+token (``bitnet.bench.decode_bytes_per_token``) and the median time against ``i2 fused``.
 The two models' weights (0.85 + 0.75 GB) exceed this Xeon's L3, so every step reads from memory.
-Checks first that both models give the same logits (module path).
+Checks first that both models give the same logits, on each path (fused: bit for bit as well).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from bitnet import ops
 from bitnet.bench import MODEL_SHAPES, build_random_model, cpu_model, decode_bytes_per_token
 from bitnet.convert.tq1 import repack_tq1
-from bitnet.models.fused_block import fused_path
+from bitnet.models.fused_block import fused_path, native_block_calls
 from bitnet.nn import Int8Linear, PackedBitLinear
 from bitnet.nn.tq1_linear import PackedTQ1BitLinear
 from bitnet.ops import cpu, tq1
@@ -94,7 +96,7 @@ def main() -> None:
     t2 = time.perf_counter()
     depth = len(i2.layers)
     print(f"cpu: {cpu_model()} | native threads {ops.get_num_threads()}, torch threads 1 | {a.shape} x {depth} "
-          f"layers | TQ1 kernel {tq1.kernel_name()} | built in {t1 - t0:.0f} s, TQ1 repack {t2 - t1:.0f} s", flush=True)
+          f"layers | ISA {cpu.default_isa()}, TQ1 kernel {tq1.kernel_name()} | built in {t1 - t0:.0f} s, TQ1 repack {t2 - t1:.0f} s", flush=True)
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, i2.num_tokens, (1, a.prompt), generator=g)
@@ -102,12 +104,17 @@ def main() -> None:
     with torch_threads(1):
         with fused_path(False):
             same = torch.equal(i2(prompt[:, :4]), q1(prompt[:, :4]))
-        print(f"same logits (module path, 4 tokens): {same}", flush=True)
+        calls = native_block_calls()
+        same_fused = torch.equal(i2(prompt[:, :4]), q1(prompt[:, :4]))
+        ran = native_block_calls() - calls == 2 * depth
+        print(f"same logits (4 tokens): module path {same}, fused path {same_fused} (native blocks ran: {ran})",
+              flush=True)
         caches = {}
         for name, model in (("i2", i2), ("tq1", q1)):
             caches[name] = model.new_caches(1, a.prompt + a.steps + 1)
             model(prompt, caches=caches[name], start_pos=0)
-        variants = {"i2 fused": ("i2", i2, True), "i2 modules": ("i2", i2, False), "tq1 modules": ("tq1", q1, False),
+        variants = {"i2 fused": ("i2", i2, True), "tq1 fused": ("tq1", q1, True), "i2 modules": ("i2", i2, False),
+                    "tq1 modules": ("tq1", q1, False),
                     "i2 linears": ("i2", linear_calls(i2), None), "tq1 linears": ("tq1", linear_calls(q1), None)}
         times = {v: [] for v in variants}
         for r in range(a.rounds):           # one step of each variant per round: all see the same load
@@ -126,9 +133,9 @@ def main() -> None:
                     times[v].append(time.perf_counter() - s)
     ctx = a.prompt + a.steps // 2
     bytes_tok = {"i2": decode_bytes_per_token(i2, ctx), "tq1": decode_bytes_per_token(q1, ctx)}
-    base = statistics.median(times["i2 modules"])
+    base = statistics.median(times["i2 fused"])
     print(f"{'variant':>12} | {'MB/token':>9} | {'tok/s median':>12} | {'tok/s fastest':>13} | {'GB/s (median)':>13} "
-          f"| time / i2 modules")
+          f"| time / i2 fused")
     for v, (cname, _, _) in variants.items():
         med, mn = statistics.median(times[v]), min(times[v])
         b = bytes_tok[cname]["total"]

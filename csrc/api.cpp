@@ -23,7 +23,7 @@ namespace {
 struct FieldInfo { const char* name; int64_t offset; };
 struct StructInfo { const char* name; int64_t size; const FieldInfo* fields; int nfields; };
 const FieldInfo kLinearSetFields[] = {
-    BITNET_FIELD(bitnet_linear_set, n), BITNET_FIELD(bitnet_linear_set, reserved),
+    BITNET_FIELD(bitnet_linear_set, n), BITNET_FIELD(bitnet_linear_set, format),
     BITNET_FIELD(bitnet_linear_set, in_features), BITNET_FIELD(bitnet_linear_set, ldw),
     BITNET_FIELD(bitnet_linear_set, w), BITNET_FIELD(bitnet_linear_set, rows),
     BITNET_FIELD(bitnet_linear_set, scale), BITNET_FIELD(bitnet_linear_set, bias)};

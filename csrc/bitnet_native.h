@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 4
+#define BITNET_ABI_VERSION 5
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -98,13 +98,17 @@ BITNET_API int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t H
                                      const float* cos_table, const float* sin_table, int64_t table_len,
                                      float* k_cache, float* v_cache, int64_t max_len, const int64_t* pos,
                                      float* out);
-/* Up to 3 packed ternary matrices that read the same input (see bitnet_bitlinear_multi). */
+/* Weight layouts of bitnet_linear_set.format: I2 (above) or the experimental TQ1 of tq1_native.h. */
+enum { BITNET_WEIGHTS_I2 = 0, BITNET_WEIGHTS_TQ1 = 1 };
+
+/* Up to 3 packed ternary matrices that read the same input (see bitnet_bitlinear_multi; with TQ1
+ * weights bitnet_tq1_bitlinear_multi). */
 typedef struct {
   int32_t n;                      /* number of matrices */
-  int32_t reserved;
+  int32_t format;                 /* weight layout of every matrix: BITNET_WEIGHTS_I2 (0) or _TQ1 (1) */
   int64_t in_features;            /* K */
   int64_t ldw;                    /* row stride of every matrix (bytes) */
-  const uint8_t* w[3];            /* I2 rows (rows[i], ldw) */
+  const uint8_t* w[3];            /* rows (rows[i], ldw) in that layout */
   int64_t rows[3];
   const float* scale[3];          /* 0-dim w_scale of each */
   const float* bias[3];           /* (rows[i],) or NULL */

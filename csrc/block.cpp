@@ -1,22 +1,31 @@
 // A whole decoder block in one native call (bitnet_block_forward): the fused CPU path of
 // bitnet/models/fused_block.py without Python between the steps. Built from the other C ABI
-// functions: bitnet_bitlinear_multi (norm + quantise once + several matrices), bitnet_attention_step
+// functions: bitnet_bitlinear_multi (norm + quantise once + several matrices; bitnet_tq1_bitlinear_multi for
+// a set of TQ1 weights), bitnet_attention_step
 // (rotary, KV cache, attention) and bitnet_prefetch_async (next weights into cache meanwhile).
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "bitnet_native.h"
+#include "tq1_native.h"
 
 namespace {
 
-// out (M, sum rows) = set(norm(x)) for x (M, K)
+// out (M, sum rows) = set(norm(x)) for x (M, K), by the set's weight layout (I2 or TQ1)
 int run_set(const bitnet_linear_set& s, const float* x, int64_t M, int bits, float act_eps, const float* norm,
             float norm_eps, float* out, int isa) {
   int64_t total = 0;
   for (int i = 0; i < s.n; ++i) total += s.rows[i];
+  if (s.format == BITNET_WEIGHTS_TQ1)
+    return bitnet_tq1_bitlinear_multi(x, M, s.in_features, s.in_features, bits, act_eps, norm, norm_eps, s.n, s.w,
+                                      s.rows, s.ldw, s.scale, s.bias, out, total, isa);
   return bitnet_bitlinear_multi(x, M, s.in_features, s.in_features, bits, act_eps, norm, norm_eps, s.n, s.w,
                                 s.rows, s.ldw, s.scale, s.bias, out, total, isa);
+}
+
+bool known_format(const bitnet_linear_set& s) {
+  return s.format == BITNET_WEIGHTS_I2 || s.format == BITNET_WEIGHTS_TQ1;
 }
 
 void prefetch(const bitnet_linear_set& s) {
@@ -56,7 +65,8 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
                                     float* v_cache, int64_t max_len, const int64_t* pos, int isa) {
   const bitnet_block& b = *blk;
   if (B < 0 || T < 0 || !b.attn_norm || !b.ffn_norm || b.qkv.n != 3 || b.o.n != 1 || b.down.n != 1 ||
-      b.gate_up.n != (b.gated ? 2 : 1) || b.activation < 0 || b.activation >= kActivationCount)
+      b.gate_up.n != (b.gated ? 2 : 1) || b.activation < 0 || b.activation >= kActivationCount ||
+      !known_format(b.qkv) || !known_format(b.o) || !known_format(b.gate_up) || !known_format(b.down))
     return BITNET_EINVAL;
   const int64_t M = B * T, D = b.dim, F = b.hidden;
   const int64_t kvd = b.kv_heads * b.head_dim;

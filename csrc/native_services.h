@@ -9,6 +9,8 @@
 namespace bitnet {
 
 int native_threads();
+// 1 / sqrt(mean_k x[k]^2 + eps) in the order of the I2 drivers' RMSNorm (sum of squares in float64)
+float native_rms_factor(const float* x, int64_t K, float eps);
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 
 // The float epilogue of every linear, in place over out[m0:m1, n0:n1] (int32 accumulators in, float32 out):

@@ -2,6 +2,8 @@
 // the RMSNorm folded into the quantisation of bitnet_bitlinear_multi. See quantize.h.
 #include "quantize.h"
 
+#include "native_services.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -68,7 +70,7 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * ldx;
       if (norm_weight) {
-        const float r = 1.0f / std::sqrt((float)(sum_squares(xr, K) / (double)K) + norm_eps);
+        const float r = native_rms_factor(xr, K, norm_eps);
         for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
         xr = normed.data();
       }
@@ -111,6 +113,11 @@ void quantize_act(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t
       k.quant(x + m * ldx, K, s, (float)(-qp - 1), (float)qp, xq + m * ldq);
     }
   });
+}
+
+// 1 / sqrt(mean_k x[k]^2 + eps): the RMSNorm factor of every native driver (I2 and TQ1), bit for bit.
+float native_rms_factor(const float* x, int64_t K, float eps) {
+  return 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
 }
 
 }  // namespace bitnet

@@ -129,26 +129,62 @@ int bitnet_tq1_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, co
 
 int bitnet_tq1_bitlinear(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps, const uint8_t* w,
                          int64_t N, int64_t ldw, float w_scale, const float* bias, float* out, int64_t ldo, int isa) {
-  int rc = check(M, K, ldx, N, ldw, ldo);
+  const float* scales[1] = {&w_scale};
+  return bitnet_tq1_bitlinear_multi(x, M, K, ldx, bits, eps, nullptr, 0.0f, 1, &w, &N, ldw, scales, &bias, out, ldo,
+                                    isa);
+}
+
+int bitnet_tq1_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                               const float* norm_weight, float norm_eps, int nmat, const uint8_t* const* w,
+                               const int64_t* n, int64_t ldw, const float* const* w_scale, const float* const* bias,
+                               float* out, int64_t ldo, int isa) {
+  if (nmat < 1 || bits < 2 || bits > 8 || !(norm_eps >= 0.0f)) return BITNET_EINVAL;
+  int64_t total = 0;
+  for (int j = 0; j < nmat; ++j) {
+    if (n[j] < 0) return BITNET_EINVAL;
+    total += n[j];
+  }
+  int rc = check(M, K, ldx, total, ldw, ldo);
   if (rc) return rc;
-  if (bits < 2 || bits > 8) return BITNET_EINVAL;
   IsaKernels ks;
   if ((rc = resolve_isa(isa, &ks))) return rc;
   const int resolved = ks.isa;
-  if (M == 0 || N == 0) return BITNET_OK;
+  if (M == 0 || total == 0) return BITNET_OK;
+  // RMSNorm (x * r) * norm_weight, r from the I2 drivers' own factor: the same float32 rows, bit for bit
+  const float* src = x;
+  int64_t lds = ldx;
+  if (norm_weight) {
+    thread_local std::vector<float> normed;
+    if ((int64_t)normed.size() < M * K) normed.resize((size_t)(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      const float r = native_rms_factor(xr, K, norm_eps);
+      float* dst = normed.data() + m * K;
+      for (int64_t i = 0; i < K; ++i) dst[i] = (xr[i] * r) * norm_weight[i];
+    }
+    src = normed.data();
+    lds = K;
+  }
   const int64_t nblk = (K + 319) / 320, ldp = std::max<int64_t>(320 * nblk, 64);
   Tq1XBuf& xb = scratch(M, ldp);
   thread_local std::vector<float> xs;
   if ((int64_t)xs.size() < M) xs.resize((size_t)M);
   // the I2 path's quantiser, bit for bit (per-token absmax, bitnet.quant.activation_quant_int8)
-  if ((rc = bitnet_quantize_act(x, M, K, ldx, bits, eps, xb.x.data(), ldp, xs.data(), resolved))) return rc;
+  if ((rc = bitnet_quantize_act(src, M, K, lds, bits, eps, xb.x.data(), ldp, xs.data(), resolved))) return rc;
   finish_rows(xb, M, K, ldp);
-  int32_t* acc = reinterpret_cast<int32_t*>(out);
-  const Tq1Args a{xb.x.data(), ldp, xb.sum.data(), w, ldw, nblk, acc, ldo};
+  const tq1_gemm_fn g = tq1_kernel_for(resolved).fn;
   const float* scales = xs.data();
-  run(tq1_kernel_for(resolved).fn, a, M, N, [&](int64_t n0, int64_t n1) {
-    float_epilogue(acc, ldo, 0, M, n0, n1, scales, w_scale, nullptr, bias);   // y = acc * w_scale / s (+ bias)
-  });
+  int64_t off = 0;
+  for (int j = 0; j < nmat; ++j) {      // matrix j -> columns [off, off + n[j]) of out
+    int32_t* acc = reinterpret_cast<int32_t*>(out) + off;
+    const Tq1Args a{xb.x.data(), ldp, xb.sum.data(), w[j], ldw, nblk, acc, ldo};
+    const float ws = *w_scale[j];
+    const float* bj = bias[j];
+    run(g, a, M, n[j], [&](int64_t n0, int64_t n1) {
+      float_epilogue(acc, ldo, 0, M, n0, n1, scales, ws, nullptr, bj);   // y = acc * w_scale / s (+ bias)
+    });
+    off += n[j];
+  }
   return BITNET_OK;
 }
 

@@ -32,6 +32,17 @@ BITNET_API int bitnet_tq1_bitlinear(const float* x, int64_t M, int64_t K, int64_
                                     const uint8_t* w, int64_t N, int64_t ldw, float w_scale, const float* bias,
                                     float* out, int64_t ldo, int isa);
 
+/* Several TQ1 matrices that read the same input, as bitnet_bitlinear_multi (the same RMSNorm, quantiser
+ * and epilogue, bit for bit): x (M, K) optionally RMS-normalised with norm_weight (K,), quantised once,
+ * then matrix j (n[j] rows, row stride ldw, *w_scale[j], bias[j] or NULL) writes columns
+ * [sum_{i<j} n[i], ... + n[j]) of out (M, ldo). The fused block (bitnet_block_forward) runs a
+ * bitnet_linear_set with format BITNET_WEIGHTS_TQ1 through it. */
+BITNET_API int bitnet_tq1_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, int bits, float eps,
+                                          const float* norm_weight, float norm_eps, int nmat,
+                                          const uint8_t* const* w, const int64_t* n, int64_t ldw,
+                                          const float* const* w_scale, const float* const* bias,
+                                          float* out, int64_t ldo, int isa);
+
 /* Name of the TQ1 kernel `isa` resolves to ("avx512vnni", "avx2", "scalar"), NULL if unsupported. */
 BITNET_API const char* bitnet_tq1_kernel_name(int isa);
 

@@ -69,8 +69,8 @@ def test_repacked_model_gives_the_same_logits(backend):
     repack_tq1(model)
     kinds = {type(m) for m in model.modules() if isinstance(m, PackedBitLinear)}
     assert kinds == {PackedTQ1BitLinear}
-    with torch.no_grad():
-        got = model(tokens)                         # the fused block refuses TQ1 layers: module path
+    with torch.no_grad(), fused_path(False):
+        got = model(tokens)                         # module path on both (fused: tests/models/test_fused_block_tq1.py)
     assert torch.equal(got, want)
     after = weight_bytes(model)
     assert after["linear"] < before["linear"] and after["other"] == before["other"]

@@ -14,12 +14,13 @@ import pytest
 from bitnet.ops import cpu as native
 
 HEADER = Path(__file__).resolve().parents[2] / "csrc" / "bitnet_native.h"
+HEADERS = (HEADER, HEADER.with_name("tq1_native.h"))   # every header of the C ABI
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library not loaded: {native.LOAD_ERROR}")
 
 
 def test_signature_table_declares_every_exported_function():
-    exported = set(re.findall(r"BITNET_API[^;(]*?\b(bitnet_\w+)\s*\(", HEADER.read_text()))
+    exported = {name for h in HEADERS for name in re.findall(r"BITNET_API[^;(]*?\b(bitnet_\w+)\s*\(", h.read_text())}
     assert exported, "no BITNET_API functions found in the header"
     assert exported == set(native.SIGNATURES)
 

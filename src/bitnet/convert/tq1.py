@@ -15,8 +15,8 @@ def repack_tq1(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], 
     """Replace every I2 :class:`PackedBitLinear` of ``model`` (packed with :func:`bitnet.pack`) by its TQ1
     form in place and return the model: same outputs, 0.8x the ternary weight bytes.
 
-    Experimental and in memory only (checkpoints stay I2). The fused native block path reads I2 only,
-    so a repacked model runs its blocks module by module. ``filter_fn(module, name) -> bool`` limits
+    Experimental and in memory only (checkpoints stay I2). The fused native block path runs the repacked
+    blocks too (one weight format per q|k|v and gate|up set). ``filter_fn(module, name) -> bool`` limits
     the layers repacked. Raises ValueError if there is no packed layer to repack.
     """
     if not isinstance(model, nn.Module):

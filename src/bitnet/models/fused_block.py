@@ -16,7 +16,8 @@ the module path with the switch below.
 **When a block runs natively** (else it runs its modules, with the same results): the switch is on, the
 block is in eval mode, its input is a float32 CPU tensor that needs no gradient, outside torch.compile
 and torch function/dispatch modes, with the native CPU backend selected; the block is one the native
-code can express (:func:`unsupported` is None: packed projections without their own norm, RMSNorm
+code can express (:func:`unsupported` is None: packed projections (I2, or TQ1 from
+:func:`bitnet.convert.tq1.repack_tq1`; one format per q|k|v and gate|up set) without their own norm, RMSNorm
 norms, an activation of :data:`bitnet.ops.cpu.BLOCK_ACTIVATIONS`, float32 rotary tables; a packed block
 that is not says so in a one-time warning, and ``block.native_reason`` says why); its KV cache is
 float32 and contiguous, or there is none, the call starts at position 0 and has at most
@@ -46,7 +47,9 @@ from .. import ops
 from ..nn.attention import KVCache
 from ..nn.norm import RMSNorm
 from ..nn.packed import PackedBitLinear
+from ..nn.tq1_linear import PackedTQ1BitLinear
 from ..ops import cpu
+from ..ops import tq1 as tq1_ops
 
 ENV_VAR = "BITNET_FUSED"
 """Environment variable of the switch: ``0`` forces the module path everywhere, ``1`` (default) allows
@@ -119,6 +122,13 @@ def _projections(spec) -> dict:
     return named
 
 
+_WEIGHTS = {PackedBitLinear: "w_packed", PackedTQ1BitLinear: "w_tq1"}
+"""Packed projection type -> its weight buffer: I2 (the default) or the experimental TQ1 of bitnet.convert.tq1."""
+_GROUPS = {PackedBitLinear: cpu.BitLinearGroup, PackedTQ1BitLinear: tq1_ops.TQ1LinearGroup}
+"""... -> the native group (linear-set format) that runs it."""
+_SETS = {"q|k|v": ("attn.q", "attn.k", "attn.v"), "gate|up": ("ffn.gate", "ffn.up")}
+
+
 def _norms(spec) -> dict:
     """name -> RMSNorm or None of a BlockSpec, as bitnet.ops.cpu.NativeBlock names them."""
     return {"attn_norm": spec.attn_norm, "sub_norm": spec.attn.sub_norm, "ffn_norm": spec.ffn_norm,
@@ -132,14 +142,22 @@ def unsupported(spec) -> Optional[str]:
         return f"the native CPU library is not loaded ({cpu.LOAD_ERROR})"
     layers = _projections(spec)
     for name, m in layers.items():
-        if type(m) is not PackedBitLinear:
+        if type(m) not in _WEIGHTS:
             return f"{name} is {type(m).__name__}, not PackedBitLinear (pack the model: bitnet.pack)"
         if m.norm is not None:
             return f"{name} normalises its own input (linear_norm=True); the native block has block norms only"
-        if m.w_packed.device.type != "cpu" or not m.w_packed.is_contiguous():
-            return f"{name}.w_packed is not a contiguous CPU tensor"
+        w = getattr(m, _WEIGHTS[type(m)])
+        if w.device.type != "cpu" or not w.is_contiguous():
+            return f"{name}.{_WEIGHTS[type(m)]} is not a contiguous CPU tensor"
+        if type(m) is PackedTQ1BitLinear and not tq1_ops.available():
+            return f"{name} has TQ1 weights and the native TQ1 kernels are not loaded ({tq1_ops.LOAD_ERROR})"
+        if type(m) is PackedTQ1BitLinear and m.in_features > tq1_ops.MAX_IN_FEATURES:
+            return f"{name} has TQ1 weights and in_features > {tq1_ops.MAX_IN_FEATURES} (the TQ1 kernels' limit)"
         if not _f32(m.w_scale) or (m.bias is not None and not _f32(m.bias)):
             return f"{name}'s scale or bias is not a contiguous float32 CPU tensor"
+    for set_name, names in _SETS.items():
+        if len({type(layers[n]) for n in names if n in layers}) > 1:
+            return f"{set_name} mix weight formats (I2 and TQ1); one native call reads one format"
     if len({m.bits for m in layers.values()}) != 1:
         return "the projections quantise their inputs to different bits"
     for name, n in _norms(spec).items():
@@ -187,8 +205,8 @@ class FusedBlock:
 
         def group(names):
             ms = [layers[n] for n in names]
-            return cpu.BitLinearGroup([m.w_packed for m in ms], [m.w_scale for m in ms], [m.bias for m in ms],
-                                      ms[0].in_features, bits)
+            return _GROUPS[type(ms[0])]([getattr(m, _WEIGHTS[type(m)]) for m in ms], [m.w_scale for m in ms],
+                                        [m.bias for m in ms], ms[0].in_features, bits)
 
         gate_up = ["ffn.gate", "ffn.up"] if "ffn.gate" in layers else ["ffn.up"]
         groups = {"qkv": group(["attn.q", "attn.k", "attn.v"]), "o": group(["attn.o"]),
@@ -204,7 +222,7 @@ class FusedBlock:
         # what the native block points at, as (dict, key, object) triples: every sub-module of the block,
         # every tensor the native code reads; norm weights also by storage (``param.data = ...`` keeps
         # the Parameter object)
-        watched = [(m, k) for m in layers.values() for k in ("w_packed", "w_scale", "bias")]
+        watched = [(m, k) for m in layers.values() for k in (_WEIGHTS[type(m)], "w_scale", "bias")]
         watched += [(n, "weight") for n in _norms(spec).values() if n is not None]
         watched += [(rot, "cos"), (rot, "sin")]
         self._watch = [(_slot(m, k), k, getattr(m, k)) for m, k in watched]
@@ -227,7 +245,7 @@ class FusedBlock:
         runner = cls(block, spec) if reason is None else None
         block._fused_runner = runner
         if reason is not None and reason not in _warned and any(
-                type(m) is PackedBitLinear for m in _projections(spec).values()):
+                type(m) in _WEIGHTS for m in _projections(spec).values()):
             _warned.add(reason)
             warnings.warn(f"a packed {type(block).__name__} runs its modules, not the fused native block: "
                           f"{reason}", stacklevel=3)

@@ -4,8 +4,8 @@ Same math and the same numbers as :class:`~bitnet.nn.packed.PackedBitLinear` (th
 exact in both layouts, the quantiser and the float rescale are shared): only the weight bytes differ,
 ``w_tq1`` uint8 (out_features, ceil(in_features/320)*64), 0.8x the bytes of I2's ``w_packed``.
 Opt-in, in memory only: build it with :func:`bitnet.convert.tq1.repack_tq1` from a packed model; save
-the I2 model, not this one. Models holding it run their linears one call each (module path): the fused
-native block of :mod:`bitnet.models.fused_block` reads I2 only.
+the I2 model, not this one. The fused native block of :mod:`bitnet.models.fused_block` runs blocks of
+these layers too (linear sets of format TQ1), with the I2 block's numbers bit for bit.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -82,9 +82,15 @@ SIGNATURES = {
     "bitnet_struct_name": ([_I], ctypes.c_char_p),
     "bitnet_struct_size": ([_I], _I64),
     "bitnet_struct_field": ([_I, _I, ctypes.POINTER(_I64)], ctypes.c_char_p),
+    # the experimental TQ1 (1.6-bit) weights: csrc/tq1_native.h, used by bitnet.ops.tq1
+    "bitnet_tq1_matmul_int": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I], _I),
+    "bitnet_tq1_bitlinear": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _I64, _F, _P, _P, _I64, _I], _I),
+    "bitnet_tq1_bitlinear_multi": ([_P, _I64, _I64, _I64, _I, _F, _P, _F, _I, _P, _P, _I64, _P, _P, _P, _I64, _I],
+                                   _I),
+    "bitnet_tq1_kernel_name": ([_I], ctypes.c_char_p),
 }
-"""The C ABI of ``csrc/bitnet_native.h`` as ctypes sees it, the one declaration on the Python side:
-function name -> (argument types, result type). Every function is declared at load."""
+"""The C ABI of ``csrc/bitnet_native.h`` and ``csrc/tq1_native.h`` as ctypes sees it, the one declaration
+on the Python side: function name -> (argument types, result type). Every function is declared at load."""
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -95,7 +101,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 class _LinearSet(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int32), ("reserved", ctypes.c_int32), ("in_features", ctypes.c_int64),
+    _fields_ = [("n", ctypes.c_int32), ("format", ctypes.c_int32), ("in_features", ctypes.c_int64),
                 ("ldw", ctypes.c_int64), ("w", ctypes.c_void_p * 3), ("rows", ctypes.c_int64 * 3),
                 ("scale", ctypes.c_void_p * 3), ("bias", ctypes.c_void_p * 3)]
 
@@ -386,6 +392,9 @@ class BitLinearGroup:
         in_features: K. bits: activation bits (2..8). eps: activation-scale clamp.
     """
 
+    format = 0
+    """Weight layout code of the native block's linear sets (BITNET_WEIGHTS_I2; TQ1 groups: 1)."""
+
     def __init__(self, weights, scales, biases, in_features: int, bits: int = 8, eps: float = 1e-5,
                  isa: Optional[str] = None):
         if not weights or len(weights) != len(scales) or len(weights) != len(biases):
@@ -504,7 +513,7 @@ class NativeBlock:
             setattr(b, name + "_eps", float(eps))
         for name, g in (("qkv", qkv), ("o", o), ("gate_up", gu), ("down", down)):
             s = getattr(b, name)
-            s.n, s.in_features, s.ldw = len(g.sizes), g.in_features, g.ldw
+            s.n, s.format, s.in_features, s.ldw = len(g.sizes), g.format, g.in_features, g.ldw
             for i in range(len(g.sizes)):
                 s.w[i], s.rows[i], s.scale[i], s.bias[i] = g._w[i], g._n[i], g._s[i], g._b[i]
         b.cos_table, b.sin_table, b.table_len = cos.data_ptr(), sin.data_ptr(), cos.shape[0]

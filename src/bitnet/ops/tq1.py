@@ -30,24 +30,11 @@ LOAD_ERROR: Optional[str] = None
 
 
 def _declare() -> Optional[ctypes.CDLL]:
+    """The native library (its TQ1 functions are declared with the rest, in bitnet.ops.cpu.SIGNATURES)."""
     global LOAD_ERROR
-    lib = cpu._lib
-    if lib is None:
+    if cpu._lib is None:
         LOAD_ERROR = cpu.LOAD_ERROR
-        return None
-    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    try:
-        lib.bitnet_tq1_matmul_int.argtypes = [P, I64, I64, I64, P, I64, I64, P, I64, I]
-        lib.bitnet_tq1_matmul_int.restype = I
-        lib.bitnet_tq1_bitlinear.argtypes = [P, I64, I64, I64, I, ctypes.c_float, P, I64, I64, ctypes.c_float, P,
-                                             P, I64, I]
-        lib.bitnet_tq1_bitlinear.restype = I
-        lib.bitnet_tq1_kernel_name.argtypes = [I]
-        lib.bitnet_tq1_kernel_name.restype = ctypes.c_char_p
-    except AttributeError as e:
-        LOAD_ERROR = f"{cpu.LIB_PATH} has no TQ1 functions ({e}; rebuild: pip install .)"
-        return None
-    return lib
+    return cpu._lib
 
 
 _lib = _declare()
@@ -138,3 +125,41 @@ def bitlinear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, in_f
                                    float(w_scale), cpu._ptr(bias), out.data_ptr(), n, cpu.isa_id(None))
     cpu._check_rc(rc, "tq1_bitlinear")
     return out.reshape(*lead, n)
+
+
+class TQ1LinearGroup(cpu.BitLinearGroup):
+    """:class:`bitnet.ops.cpu.BitLinearGroup` over TQ1 weights (uint8 (N_j, ceil(K/320)*64)): the same
+    call (RMSNorm, quantise once, every matrix into its column range, bit for bit the I2 group's numbers
+    for the same weights) through ``bitnet_tq1_bitlinear_multi``, and the linear-set format code
+    (BITNET_WEIGHTS_TQ1) that makes the native block (:class:`bitnet.ops.cpu.NativeBlock`) run it."""
+
+    format = 1
+
+    def __init__(self, weights, scales, biases, in_features: int, bits: int = 8, eps: float = EPS,
+                 isa: Optional[str] = None):
+        if _lib is None:
+            raise RuntimeError(f"the native TQ1 kernels are not available: {LOAD_ERROR}")
+        k = int(in_features)
+        if not 0 <= k <= MAX_IN_FEATURES:
+            raise ValueError(f"in_features must be in 0..{MAX_IN_FEATURES} for the TQ1 kernels, got {k}")
+        for i, w in enumerate(weights):
+            if w.dim() != 2 or w.shape[1] != tq1_row_bytes(k):
+                raise ValueError(f"weights[{i}] must be TQ1 rows (N, {tq1_row_bytes(k)}) for in_features={k}, "
+                                 f"got {tuple(w.shape)}")
+        super().__init__(weights, scales, biases, k, bits, eps, isa)
+
+    def __call__(self, x: torch.Tensor, norm_weight: Optional[torch.Tensor] = None,
+                 norm_eps: float = 1e-6) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must be float32 (M, {self.in_features}), got {x.dtype} {tuple(x.shape)}")
+        x, ldx = cpu._rows(x)
+        if norm_weight is not None and (norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous()):
+            norm_weight = norm_weight.to(torch.float32).contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, self.total), dtype=torch.float32)
+        rc = _lib.bitnet_tq1_bitlinear_multi(x.data_ptr(), m, self.in_features, ldx, self.bits, self.eps,
+                                             cpu._ptr(norm_weight), float(norm_eps), len(self.sizes), self._w,
+                                             self._n, self.ldw, self._s, self._b, out.data_ptr(), self.total,
+                                             self._isa)
+        cpu._check_rc(rc, "tq1_bitlinear_multi")
+        return out

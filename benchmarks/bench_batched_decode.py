@@ -9,9 +9,11 @@ each row reads (float32, grows with the position) and the attention do not shrin
 
 Shapes: ``load`` is the server load test's model (dim 1024, 12 layers, 16 heads); ``2b4t`` the blocks of
 BitNet-b1.58-2B-4T (dim 2560, 20 heads / 5 KV heads, hidden 6912) at reduced depth (``--depth-2b4t``,
-default 4). Both use a 256-token vocabulary (the step, not the head, is measured).
+default 4). Both use a 256-token vocabulary (the step, not the head, is measured). ``2b4t-full`` is the
+whole model: 30 layers and the 128256-row int8 head (AMX-INT8 where the CPU has it).
 
     python benchmarks/bench_batched_decode.py --threads 2 --torch-threads 1 --pos 100
+    python benchmarks/bench_batched_decode.py --shapes 2b4t-full --batches 1,16     # the whole 2B4T model
     BITNET_NATIVE_LIB=/path/to/other/_bitnet_native.so python benchmarks/bench_batched_decode.py  # A/B a build
 """
 
@@ -28,6 +30,7 @@ from bitnet.ops import cpu
 SHAPES = {
     "load": (dict(dim=1024, depth=12, heads=16, num_tokens=256), None),
     "2b4t": (dict(MODEL_SHAPES["2b4t"], num_tokens=256), 4),
+    "2b4t-full": (dict(MODEL_SHAPES["2b4t"]), None),
 }
 
 

@@ -120,12 +120,8 @@ int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx, in
                            const float* norm_weight, float norm_eps, int nmat, const uint8_t* const* w,
                            const int64_t* n, int64_t ldw, const float* const* w_scale, const float* const* bias,
                            float* out, int64_t ldo, int isa) {
-  if (nmat < 1 || bits < 2 || bits > 8 || !(norm_eps >= 0.0f)) return BITNET_EINVAL;
   int64_t total = 0;
-  for (int j = 0; j < nmat; ++j) {
-    if (n[j] < 0) return BITNET_EINVAL;
-    total += n[j];
-  }
+  if (check_multi(nmat, bits, norm_eps, n, &total)) return BITNET_EINVAL;
   int rc = check_dims(M, K, ldx, total, ldw, ldo);
   if (rc) return rc;
   Kernel k;

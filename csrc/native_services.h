@@ -16,6 +16,18 @@ void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn)
 // The float epilogue of every linear, in place over out[m0:m1, n0:n1] (int32 accumulators in, float32 out):
 //   y = acc * w / x_scale[m] (+ bias[n]),  w = w_scale_n[n] (per output row) or w_scale when w_scale_n is null
 // evaluated in this order in float32, as the torch reference does.
+// The checks shared by the multi-matrix calls (bitnet_bitlinear_multi, bitnet_tq1_bitlinear_multi):
+// at least one matrix, activation bits 2..8, norm_eps >= 0, row counts >= 0; *total = their sum.
+inline int check_multi(int nmat, int bits, float norm_eps, const int64_t* n, int64_t* total) {
+  if (nmat < 1 || bits < 2 || bits > 8 || !(norm_eps >= 0.0f)) return 1;
+  *total = 0;
+  for (int j = 0; j < nmat; ++j) {
+    if (n[j] < 0) return 1;
+    *total += n[j];
+  }
+  return 0;
+}
+
 void float_epilogue(int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                     const float* x_scale, float w_scale, const float* w_scale_n, const float* bias);
 

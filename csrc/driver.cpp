@@ -144,10 +144,9 @@ void run_panel_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, co
 // Decode (GEMV, M <= 3) of nmat matrices reading the same activations, in one parallel region over row
 // chunks of all of them: ~4 chunks per thread so that a slow core does not hold the others up.
 void run_decode(const Kernel& k, const GemmArgs* args, const Epilogue* epis, const int64_t* n, int nmat, int64_t M) {
-  const int64_t nthreads = pool()->size();
   int64_t total = 0;
   for (int j = 0; j < nmat; ++j) total += n[j];
-  const int64_t chunk = std::max<int64_t>(16, round_up((total + nthreads * 4 - 1) / (nthreads * 4), 8));
+  const int64_t chunk = decode_row_chunk(total);
   struct Task { int j; int64_t n0, n1; };
   std::vector<Task> tasks;
   for (int j = 0; j < nmat; ++j)
@@ -212,6 +211,10 @@ int matmul_common(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint
 // ------------------------------------------------------------------------------------------------
 // Services for the other drivers (int8.cpp, attention.cpp).
 int native_threads() { return pool()->size(); }
+int64_t decode_row_chunk(int64_t rows) {
+  const int64_t nthreads = pool()->size();
+  return std::max<int64_t>(16, round_up((rows + nthreads * 4 - 1) / (nthreads * 4), 8));
+}
 
 void float_epilogue(int32_t* out, int64_t ldo, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                     const float* x_scale, float w_scale, const float* w_scale_n, const float* bias) {

@@ -9,6 +9,9 @@
 namespace bitnet {
 
 int native_threads();
+// Rows per task of a decode (GEMV) over `rows` weight rows: ~4 tasks per pool thread, a multiple of 8, at
+// least 16, so that no thread waits long on a slow one. Used by the I2 and TQ1 decode drivers.
+int64_t decode_row_chunk(int64_t rows);
 // 1 / sqrt(mean_k x[k]^2 + eps) in the order of the I2 drivers' RMSNorm (sum of squares in float64)
 float native_rms_factor(const float* x, int64_t K, float eps);
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);

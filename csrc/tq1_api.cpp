@@ -68,9 +68,7 @@ void run(tq1_gemm_fn g, const Tq1Args& a, int64_t M, int64_t N, Epi&& epi) {
     epi(0, N);
     return;
   }
-  // ~4 row chunks per thread (multiples of 8 rows), as the I2 decode driver: no thread waits on a slow one
-  const int64_t per = (N + nthreads * 4 - 1) / (nthreads * 4);
-  const int64_t chunk = std::max<int64_t>(16, (per + 7) / 8 * 8);
+  const int64_t chunk = decode_row_chunk(N);   // the I2 decode driver's row chunks
   const int64_t ntasks = (N + chunk - 1) / chunk;
   native_parallel_for(ntasks, [&](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(N, (t + 1) * chunk);

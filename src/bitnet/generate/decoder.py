@@ -176,10 +176,7 @@ class Decoder:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
         last = torch.tensor(lengths, dtype=torch.int64) - 1                                   # (G,)
-        scratch = [type(c)(g, c.k.shape[1], t, c.k.shape[3],
-                           _storage=(torch.empty((g, c.k.shape[1], t, c.k.shape[3]), dtype=c.k.dtype, device=c.k.device),
-                                     torch.empty((g, c.k.shape[1], t, c.k.shape[3]), dtype=c.v.dtype, device=c.v.device)))
-                   for c in self.caches]
+        scratch = self.model.new_caches(g, t)                                               # (G, Hkv, T, hd) each
         with torch.inference_mode(), torch_threads(self.torch_threads):
             logits = self.model(ids.to(self.device), caches=scratch, start_pos=0,
                                 logits_at=last.to(self.device))[:, 0]                         # (G, vocab)

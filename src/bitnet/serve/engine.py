@@ -96,7 +96,6 @@ class _Active:
 
     def __init__(self, req: Request, tokenizer, device):
         self.req = req
-        self.pos = len(req.prompt_ids)                   # cache position of the next token to feed
         self.last = None                                 # last sampled token (fed at the next step)
         p = req.params
         self.generator = None
@@ -439,7 +438,6 @@ class Engine:
             best = logits.argmax(dim=-1).tolist()
         for i, a in enumerate(live):       # sampling and text are per request: a failure ends that row only
             try:
-                a.pos += 1
                 tok = best[i] if a.greedy else self._sample(a, logits[i:i + 1])
                 self._accept(a, tok)
             except Exception as e:
@@ -472,7 +470,8 @@ class Engine:
             if self._push_text(a, a.decoder.feed(tok)):
                 self._finish(a, "stop", flush=False)
                 return
-            if len(req.output_ids) >= p.max_tokens or a.pos + 1 >= self.context:
+            # budget spent, or the context is full once the next token goes in
+            if len(req.output_ids) >= p.max_tokens or self.decoder.room(req.slot) <= 1:
                 self._finish(a, "length")
                 return
             a.last = tok

@@ -22,8 +22,8 @@ with a distinct prompt and is compared with the text the same prompt gets when s
 - ``mixed``: the text shares a longer prefix with ANOTHER prompt's reference than with its own,
   or its first piece differs (the first token comes from a batch-1 prefill, so it must match). Error.
 
-Exit status 1 when a request is lost, fails, or is mixed (or drifts, with ``--exact``). The number of requests and the time per
-phase are bounded (--requests, --max-seconds).
+Exit status 1 when a request is lost, fails, or is mixed (or drifts, with ``--exact``). The number of
+requests and the time per phase are bounded (--requests, --max-seconds).
 """
 
 from __future__ import annotations

@@ -53,17 +53,6 @@ def packed_model(kv_heads=2, activation="silu", seed=0, depth=2, max_seq_len=96)
     return bitnet.pack(m)
 
 
-@pytest.fixture(params=native.supported_isas())
-def isa(request):
-    """Each ISA this CPU and build support, as the default of both paths (projections, head, block)."""
-    old = native.default_isa()
-    native.set_default_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        native.set_default_isa(old)
-
-
 class Paths:
     """Runs calls of ``model`` on one path or the other and asserts that path really ran: native block
     calls counted, and hooks on every block's attention and feed-forward module (only the module path

@@ -28,17 +28,6 @@ pytestmark = pytest.mark.skipif(not (native.available() and tq1_ops.available())
 VOCAB = 97
 
 
-@pytest.fixture(params=native.supported_isas())
-def isa(request):
-    """Each ISA this CPU and build support, as the default of the native calls."""
-    old = native.default_isa()
-    native.set_default_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        native.set_default_isa(old)
-
-
 def twin_models(kv_heads=2, activation="silu", dim=128, seed=0, bias=False):
     """(I2 packed model, its TQ1 repack): the same weights in both layouts."""
     torch.manual_seed(seed)

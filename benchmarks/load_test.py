@@ -152,6 +152,25 @@ def report(name, clients, results, errors, wall, skipped, reference, prompts, ma
     return tps, not errors and not lost and not mixed and not (exact_only and drift)
 
 
+def engine_counters(url) -> dict | None:
+    """The engine's counters from ``/health`` (steps, prefills, decoded_rows), or None if it has none."""
+    import httpx
+
+    body = httpx.get(url + "/health", timeout=30).json()
+    return body if "prefills" in body and "decoded_rows" in body else None
+
+
+def report_engine(before, after, requests: int) -> None:
+    """What the engine did in a phase: decode steps, rows per step, prefill forwards per request."""
+    if before is None or after is None:
+        return
+    steps = after["steps"] - before["steps"]
+    rows = after["decoded_rows"] - before["decoded_rows"]
+    prefills = after["prefills"] - before["prefills"]
+    print(f"  engine: {steps} decode steps, {rows / max(steps, 1):.1f} rows per step, {prefills} prefill forwards "
+          f"for {requests} requests ({requests / max(prefills, 1):.1f} prompts per prefill)", flush=True)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -262,9 +281,11 @@ def main(argv=None):
         for _ in range(args.rounds):                  # rounds interleave the phases (noisy shared machines)
             for c in counts:
                 n = args.requests or max(8, 4 * c)
+                before = engine_counters(url)
                 res, errors, wall, skipped = asyncio.run(phase(url, prompts, c, n, args.max_tokens, args.max_seconds, model))
                 value, good = report("phase", c, res, errors, wall, skipped, reference, prompts, args.max_tokens,
                                      args.exact)
+                report_engine(before, engine_counters(url), len(res))
                 tps.setdefault(c, []).append(value)
                 ok &= good
         med = {c: percentile(v, 50) for c, v in tps.items()}

@@ -126,6 +126,7 @@ def test_concurrent_clients_get_exactly_what_each_gets_alone(server, inference):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
+    before = httpx.get(server.url + "/health").json()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -134,6 +135,10 @@ def test_concurrent_clients_get_exactly_what_each_gets_alone(server, inference):
     assert not errors, errors
     assert results == alone
     assert server.engine.max_batch_seen > 1                       # rows really were decoded together
+    after = httpx.get(server.url + "/health").json()               # the counters load_test.py reports
+    steps, rows = after["steps"] - before["steps"], after["decoded_rows"] - before["decoded_rows"]
+    assert 1 <= after["prefills"] - before["prefills"] <= len(prompts)
+    assert steps < rows <= steps * len(prompts)                   # > 1 row per step on average
 
 
 def test_seeded_sampling_is_reproducible_under_load(server):

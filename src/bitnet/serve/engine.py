@@ -187,6 +187,7 @@ class Engine:
         self.steps = 0                                   # decode steps run (for tests and /health)
         self.prefills = 0                                # prefill forwards run (one per group of prompts)
         self.max_batch_seen = 0                          # most rows decoded together
+        self.decoded_rows = 0                            # tokens decoded by the steps (rows summed over steps)
         self.finished = 0                                # requests that ended normally
         self.cancelled = 0                               # requests cancelled while waiting or in a slot
         self.failed = 0                                  # requests ended by an error inside the engine
@@ -244,7 +245,8 @@ class Engine:
         # read without the lock: a stuck engine must not hang /health (each read is atomic under the GIL)
         return {"slots": self.slots, "active": sum(a is not None for a in list(self._active)),
                 "waiting": len(self._waiting), "max_queue": self.max_queue, "context": self.context,
-                "steps": self.steps, "finished": self.finished, "cancelled": self.cancelled,
+                "steps": self.steps, "prefills": self.prefills, "decoded_rows": self.decoded_rows,
+                "max_batch_seen": self.max_batch_seen, "finished": self.finished, "cancelled": self.cancelled,
                 "failed": self.failed}
 
     @property
@@ -434,6 +436,7 @@ class Engine:
         logits = self.decoder.step([a.last for a in live], rows=[a.req.slot for a in live])   # (len(live), V)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(live))
+        self.decoded_rows += len(live)
         if any(a.greedy for a in live):
             best = logits.argmax(dim=-1).tolist()
         for i, a in enumerate(live):       # sampling and text are per request: a failure ends that row only

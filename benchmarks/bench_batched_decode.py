@@ -5,7 +5,11 @@ blocks of every layer (bitnet/models/fused_block.py -> csrc/block.cpp), the fina
 The B values are timed in rounds (one call each per round, medians), so that all see the same machine
 load; printed: ms per step, tokens/s (B / step) and the speed-up in tokens/s over B = 1 (B x the
 step-time ratio). Perfect batching (weights read once per step for all rows) approaches B; the KV cache
-each row reads (float32, grows with the position) and the attention do not shrink with batching.
+each row reads (grows with the position) and the attention do not shrink with batching.
+
+KV-cache dtypes (``--kv-dtype float32,float16``, the default: both): every (dtype, B) pair is timed in the
+same rounds, and the table puts them side by side with the float16 / float32 speed-up of each B. A float16
+cache halves the bytes a step reads from the caches (entries rounded when written, math in float32).
 
 Shapes: ``load`` is the server load test's model (dim 1024, 12 layers, 16 heads); ``2b4t`` the blocks of
 BitNet-b1.58-2B-4T (dim 2560, 20 heads / 5 KV heads, hidden 6912) at reduced depth (``--depth-2b4t``,
@@ -13,6 +17,7 @@ default 4). Both use a 256-token vocabulary (the step, not the head, is measured
 whole model: 30 layers and the 128256-row int8 head (AMX-INT8 where the CPU has it).
 
     python benchmarks/bench_batched_decode.py --threads 2 --torch-threads 1 --pos 100
+    python benchmarks/bench_batched_decode.py --shapes load --batches 1,4,16 --kv-dtype float32,float16
     python benchmarks/bench_batched_decode.py --shapes 2b4t-full --batches 1,16     # the whole 2B4T model
     BITNET_NATIVE_LIB=/path/to/other/_bitnet_native.so python benchmarks/bench_batched_decode.py  # A/B a build
 """
@@ -25,6 +30,7 @@ import sys
 import torch
 
 from bitnet.bench import MODEL_SHAPES, _time_side_by_side, build_random_model, cpu_model
+from bitnet.nn.attention import kv_dtype
 from bitnet.ops import cpu
 
 SHAPES = {
@@ -44,18 +50,31 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def time_batches(model, batches, pos: int, budget_s: float) -> dict[int, float]:
-    """Median seconds of one decode step per batch size B (all rows at position ``pos``), timed in rounds."""
+def _kv_dtypes(text: str) -> list[str]:
+    names = text.split(",")
+    for n in names:
+        if n not in ("float32", "float16"):
+            raise argparse.ArgumentTypeError(f"expected comma-separated KV-cache dtypes of float32, float16, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"KV-cache dtypes repeat in {text!r}")
+    return names
+
+
+def time_batches(model, batches, pos: int, budget_s: float, kv_dtypes=("float32",)) -> dict[tuple[str, int], float]:
+    """Median seconds of one decode step per (KV-cache dtype, batch size B) (all rows at position ``pos``),
+    all timed in the same rounds."""
     max_len = pos + 2
-    fns = []
-    for b in batches:
-        caches = model.new_caches(b, max_len)
-        tokens = torch.randint(0, 256, (b, 1))                       # both shapes: vocabulary 256
-        positions = torch.full((b,), pos, dtype=torch.int64)
-        fns.append(lambda c=caches, t=tokens, p=positions: model(t, c, p))
+    keys, fns = [], []
+    for name in kv_dtypes:
+        for b in batches:
+            caches = model.new_caches(b, max_len, dtype=kv_dtype(name, "--kv-dtype"))
+            tokens = torch.randint(0, 256, (b, 1))                   # both shapes: vocabulary 256
+            positions = torch.full((b,), pos, dtype=torch.int64)
+            keys.append((name, b))
+            fns.append(lambda c=caches, t=tokens, p=positions: model(t, c, p))
     with torch.inference_mode():
         med, _ = _time_side_by_side(fns, budget_s, min_reps=5)
-    return dict(zip(batches, med))
+    return dict(zip(keys, med))
 
 
 def main(argv=None) -> int:
@@ -69,6 +88,8 @@ def main(argv=None) -> int:
                          "workers beside the native pool's on 2 cores made the 2b4t B=16 step 2.6x slower")
     ap.add_argument("--depth-2b4t", type=int, default=4, help="blocks of the 2b4t shape, default 4 (of 30)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per shape, default 10")
+    ap.add_argument("--kv-dtype", type=_kv_dtypes, default=["float32", "float16"],
+                    help="comma-separated KV-cache dtypes timed side by side, of float32, float16 (default both)")
     args = ap.parse_args(argv)
     shapes = args.shapes.split(",")
     for s in shapes:
@@ -87,15 +108,28 @@ def main(argv=None) -> int:
         shape, depth = SHAPES[name]
         depth = args.depth_2b4t if name == "2b4t" else depth
         model = build_random_model(shape, "packed", depth=depth, max_seq_len=args.pos + 2)
-        times = time_batches(model, args.batches, args.pos, args.budget)
-        base = times[args.batches[0]] / args.batches[0]                   # seconds per token at the base B
+        times = time_batches(model, args.batches, args.pos, args.budget, args.kv_dtype)
         layers = len(model.layers)
         of = "" if depth is None else f" (of {MODEL_SHAPES[name]['depth']})"
+        kv_mb = {b: 2 * layers * b * model.layers[0].attn.kv_heads * (args.pos + 1) * model.layers[0].attn.head_dim / 1e6
+                 for b in args.batches}                               # elements (millions) a step reads
         print(f"\n{name}: dim {shape['dim']}, {layers} layers{of}, {shape['heads']} heads")
-        print(f"{'B':>4} {'ms/step':>9} {'tok/s':>8} {'x tok/s vs B=' + str(args.batches[0]):>16}")
+        b0 = args.batches[0]
+        head = f"{'B':>4}"
+        for kv in args.kv_dtype:
+            head += f" | {kv + ' ms/step':>16} {'tok/s':>7} {'x vs B=' + str(b0):>9} {'KV MB':>6}"
+        if len(args.kv_dtype) > 1:
+            head += f" | {args.kv_dtype[1] + '/' + args.kv_dtype[0] + ' tok/s':>22}"
+        print(head)
         for b in args.batches:
-            t = times[b]
-            print(f"{b:>4} {t * 1e3:>9.2f} {b / t:>8.0f} {base / (t / b):>16.2f}")
+            line = f"{b:>4}"
+            for kv in args.kv_dtype:
+                t, base = times[(kv, b)], times[(kv, b0)] / b0        # seconds per token at the base B
+                size = 4 if kv == "float32" else 2
+                line += f" | {t * 1e3:>16.2f} {b / t:>7.0f} {base / (t / b):>9.2f} {kv_mb[b] * size:>6.1f}"
+            if len(args.kv_dtype) > 1:
+                line += f" | {times[(args.kv_dtype[0], b)] / times[(args.kv_dtype[1], b)]:>22.2f}"
+            print(line)
     return 0
 
 

@@ -5,6 +5,8 @@
     # start a server itself (subprocess) on a checkpoint, or on a random model of a given shape
     python benchmarks/load_test.py --model runs/kjv --clients 1,16
     python benchmarks/load_test.py --random --dim 512 --depth 8 --clients 1,16 [--pack]
+    # the server's KV caches in float16 (half the cache bytes per decode step)
+    python benchmarks/load_test.py --random --dim 1024 --depth 12 --heads 16 --pack --kv-dtype float16
 
 For every client count it prints total generated tokens/s, request latency p50/p90/p99, time to
 first token p50, and checks that no request was lost (each ends with a finish reason and the
@@ -188,6 +190,8 @@ def start_server(model, args, extra=()):
         cmd.append("--pack")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.kv_dtype:
+        cmd += ["--kv-dtype", args.kv_dtype]
     proc = subprocess.Popen(cmd + list(extra))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -246,6 +250,8 @@ def main(argv=None):
     g.add_argument("--slots", type=int, default=16)
     g.add_argument("--pack", action="store_true")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+                   help="what the server's KV caches store (bitnet serve --kv-dtype; default: the model's dtype)")
     g.add_argument("--dim", type=int, default=512)
     g.add_argument("--depth", type=int, default=8)
     g.add_argument("--heads", type=int, default=8)
@@ -255,6 +261,8 @@ def main(argv=None):
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or min(args.max_tokens, args.prompts, args.rounds) < 1:
         p.error("--clients, --max-tokens, --prompts and --rounds must be >= 1")
+    if args.url and args.kv_dtype:
+        p.error("--kv-dtype sets up the server this script starts; with --url the running server decides")
 
     proc, tmp = None, None
     try:
@@ -267,6 +275,9 @@ def main(argv=None):
                 model = random_model(args, tmp.name)
             proc, url = start_server(model, args)
         model = served_model(url)
+        import httpx
+
+        print(f"server: KV caches {httpx.get(url + '/health', timeout=30).json().get('kv_dtype', '?')}", flush=True)
         prompts = [f"Request {i:03d}: the quick brown fox #{i} " + "abcdefghij"[i % 10] * (i % 7) for i in range(args.prompts)]
         reference = None
         if not args.no_verify:

@@ -1,6 +1,9 @@
-// Rotary position embedding + KV-cache append + causal softmax attention of one layer (float32): the
-// attention step of the fused CPU path (bitnet/models/fused_block.py), one native call instead of
-// ~40 small torch ops per layer. See bitnet_attention_step in bitnet_native.h.
+// Rotary position embedding + KV-cache append + causal softmax attention of one layer: the attention
+// step of the fused CPU path (bitnet/models/fused_block.py), one native call instead of ~40 small torch
+// ops per layer. See bitnet_attention_step in bitnet_native.h. The math is float32; the KV cache holds
+// float32 or IEEE binary16 (BITNET_KV_F16: half the bytes to stream per decode step), written with
+// round-to-nearest-even (as torch's Tensor.half()) and widened exactly when read, so both element types
+// share one templated code path and one fixed order of float operations.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -12,7 +15,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #include <immintrin.h>
-#define BITNET_ATTN_AVX512 1   // decode scores in AVX-512 intrinsics, chosen at run time
+#define BITNET_ATTN_AVX512 1   // decode loops and float16 conversions in AVX-512, chosen at run time
 #endif
 
 namespace bitnet {
@@ -61,6 +64,105 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Float32 keys ahead of the one being read that the decode loops ask the cache for (software prefetch;
+// 0: none); the same bytes ahead, twice the keys, for float16. The hardware prefetcher restarts at every
+// 4 KiB page and each (row, head) block of the cache is its own run of pages, so a few keys of look-ahead
+// keep the loads fed. Changes no result.
+#ifndef BITNET_ATTN_PREFETCH
+#define BITNET_ATTN_PREFETCH 8
+#endif
+template <typename E>
+constexpr int64_t prefetch_keys() { return BITNET_ATTN_PREFETCH * 4 / (int64_t)sizeof(E); }
+
+// ---- the float16 KV cache: IEEE binary16 bits, round to nearest even when written ----
+using half_t = uint16_t;
+enum KvDtype { kKvF32 = 0, kKvF16 = 1, kKvDtypeCount };
+const char* const kKvDtypeNames[kKvDtypeCount] = {"float32", "float16"};
+
+inline uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// binary16 -> float32, exact (every binary16 value is a float32 value); the bits of F16C's vcvtph2ps (a
+// signalling NaN comes back quiet). Checked against F16C on all 65536 inputs, and float_to_half on all 2^32.
+inline float half_to_float(half_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, mag = h & 0x7fffu, shifted = mag << 13;
+  uint32_t u;
+  if (mag > 0x7c00u) u = (shifted + 0x70000000u) | 0x00400000u;         // NaN: exponent 31 -> 255, made quiet
+  else if (mag == 0x7c00u) u = 0x7f800000u;                             // inf
+  else if (mag >= 0x0400u) u = shifted + 0x38000000u;                   // normal: exponent + (127 - 15)
+  else u = float_bits((float)mag * 5.9604644775390625e-8f);             // subnormal: mag * 2^-24, exact
+  return bits_float(sign | u);
+}
+
+// float32 -> binary16, round to nearest even (overflow to inf; NaN stays a quiet NaN with its payload's
+// top bits): the bits of F16C's vcvtps2ph with _MM_FROUND_TO_NEAREST_INT and of torch's Tensor.half().
+inline half_t float_to_half(float f) {
+  const uint32_t x = float_bits(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return (half_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));       // NaN
+  if (a >= 0x477ff000u) return (half_t)(sign | 0x7c00u);                             // >= 65520: inf
+  if (a >= 0x38800000u) {                                                            // >= 2^-14: normal
+    const uint32_t r = a + 0x0fffu + ((a >> 13) & 1u);                               // half to even at bit 13
+    return (half_t)(sign | ((r - 0x38000000u) >> 13));
+  }
+  const uint32_t e = a >> 23;                  // subnormal or zero: a * 2^24 rounded to an integer
+  if (e < 102) return (half_t)sign;            // a < 2^-25: 0
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;   // shift in [14, 24]
+  const uint32_t rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+  uint32_t q = m >> shift;
+  q += (rem > halfway || (rem == halfway && (q & 1u))) ? 1u : 0u;
+  return (half_t)(sign | q);
+}
+
+// The element of a cache as float32 (portable loops).
+inline float load(const float* p) { return *p; }
+inline float load(const half_t* p) { return half_to_float(*p); }
+
+#if defined(BITNET_ATTN_AVX512)
+// GCC 12's intrinsic headers start some conversions from an "undefined" register: false alarms here.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+// BITNET_ATTN_PORTABLE=1 (read once) forces the portable loops: tests compare the two bit for bit.
+bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          !(std::getenv("BITNET_ATTN_PORTABLE") && std::getenv("BITNET_ATTN_PORTABLE")[0] == '1');
+  return yes;
+}
+
+// 16 elements from p as floats (all, or the lanes of m, the others 0)
+BITNET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+BITNET_AVX512 inline __m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+BITNET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+BITNET_AVX512 inline __m512 load16(const half_t* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+BITNET_AVX512 void store_half_avx512(const float* src, int64_t n, half_t* dst) {
+  const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), rne));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, src + i), rne));
+  }
+}
+#endif
+
+// dst[0..n) = src[0..n) in the cache's element type
+inline void store_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, int64_t n, half_t* dst) {
+#if defined(BITNET_ATTN_AVX512)
+  if (have_avx512()) return store_half_avx512(src, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+// Prefetch the `bytes` bytes at p (one hint per 64-byte line).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)p + o, 0, 3);
+}
+
 // ---- decode: one query of one head against its n cached keys / values ----
 constexpr int kLanes = 16;  // partial sums per dot product: one 16-float vector (two 8-float ones)
 
@@ -75,71 +177,117 @@ inline float reduce_lanes(const float* a) {
 
 // s[r] = reduce_lanes(a_r) * scale for R keys k_r = k + r hd, where a_r[l] = fma(q[d], k_r[d], a_r[l]) for
 // d = l, l + 16, ... < hd, in order of d (R independent chains of 16-float vectors).
-template <int R>
-inline void scores(const float* q, const float* k, int64_t hd, float scale, float* s) {
+template <int R, typename E>
+inline void scores(const float* q, const E* k, int64_t hd, float scale, float* s) {
   float a[R][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= hd; i += kLanes)
     for (int r = 0; r < R; ++r)
-      for (int l = 0; l < kLanes; ++l) a[r][l] = __builtin_fmaf(q[i + l], k[r * hd + i + l], a[r][l]);
+      for (int l = 0; l < kLanes; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l), a[r][l]);
   const int64_t tail = hd - i;
   for (int r = 0; r < R; ++r)
-    for (int64_t l = 0; l < tail; ++l) a[r][l] = __builtin_fmaf(q[i + l], k[r * hd + i + l], a[r][l]);
+    for (int64_t l = 0; l < tail; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l), a[r][l]);
   for (int r = 0; r < R; ++r) s[r] = reduce_lanes(a[r]) * scale;
 }
 
 #if defined(BITNET_ATTN_AVX512)
 // scores<R> in AVX-512, the same operations in the same order (one zmm per key: lane l holds a_r[l];
 // the tail of hd is a masked load, whose zero lanes add fma(0, 0, a) = a).
-__attribute__((target("avx512f,avx512dq,fma"))) inline float reduce_lanes_avx512(__m512 a) {
+BITNET_AVX512 inline float reduce_lanes_avx512(__m512 a) {
   const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-template <int R>
-__attribute__((target("avx512f,avx512dq,fma"))) void scores_avx512(const float* q, const float* k, int64_t hd,
-                                                                    float scale, float* s) {
+// reduce_lanes of 4 accumulators at once, the same additions in the same order (each step adds lane l and
+// lane l + w of one key's partial sums), with the 4 keys packed side by side in the vectors:
+//   w = 8: [lo8(a0) lo8(a1)] + [hi8(a0) hi8(a1)], likewise a2, a3;  w = 4: 128-bit lane r holds key r;
+//   w = 2, 1: within each 128-bit lane. s[r] = sum_r * scale.
+BITNET_AVX512 inline void reduce4_lanes_avx512(const __m512* a, float scale, float* s) {
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a[0], a[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a[2], a[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, _MM_SHUFFLE(1, 1, 1, 1)));
+  const __m512 r = _mm512_mul_ps(s1, _mm512_set1_ps(scale));
+  const __m512 at = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), r);
+  _mm_storeu_ps(s, _mm512_castps512_ps128(at));
+}
+
+template <int R, typename E>
+BITNET_AVX512 inline void scores_avx512(const float* q, const E* k, int64_t hd, float scale, float* s) {
   __m512 a[R];
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= hd; i += kLanes) {
     const __m512 qv = _mm512_loadu_ps(q + i);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + r * hd + i), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i), a[r]);
   }
   if (i < hd) {
     const __mmask16 m = (__mmask16)((1u << (hd - i)) - 1u);
     const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k + r * hd + i), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i, m), a[r]);
   }
+  if (R == 4) return reduce4_lanes_avx512(a, scale, s);
   for (int r = 0; r < R; ++r) s[r] = reduce_lanes_avx512(a[r]) * scale;
 }
 
-__attribute__((target("avx512f,avx512dq,fma"))) void all_scores_avx512(const float* q, const float* kc, int64_t n,
-                                                                        int64_t hd, float scale, float* w) {
+template <typename E>
+BITNET_AVX512 void all_scores_avx512(const float* q, const E* kc, int64_t n, int64_t hd, float scale, float* w) {
+  const int64_t row = hd * (int64_t)sizeof(E);
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) scores_avx512<4>(q, kc + j * hd, hd, scale, w + j);
+  for (; j + 4 <= n; j += 4) {
+    if (prefetch_keys<E>() && j + prefetch_keys<E>() + 4 <= n) prefetch_bytes(kc + (j + prefetch_keys<E>()) * hd, 4 * row);
+    scores_avx512<4>(q, kc + j * hd, hd, scale, w + j);
+  }
   for (; j < n; ++j) scores_avx512<1>(q, kc + j * hd, hd, scale, w + j);
 }
 
-// BITNET_ATTN_PORTABLE=1 (read once) forces the portable loops: tests compare the two bit for bit.
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          !(std::getenv("BITNET_ATTN_PORTABLE") && std::getenv("BITNET_ATTN_PORTABLE")[0] == '1');
-  return yes;
+// out[d0 + 16 c + l] = (sum_j w[j] v_j[d0 + 16 c + l]) * inv for c < C (fma in order of j: the portable
+// weighted_values' operations; lanes past `tail` (last vector, 1..16 lanes) are neither read nor written).
+template <int C, typename E>
+BITNET_AVX512 inline void values_avx512(const float* w, const E* vc, int64_t n, int64_t hd, int64_t d0, float inv,
+                                        float* out, int tail = kLanes) {
+  const __mmask16 m = (__mmask16)((1u << tail) - 1u);
+  const int64_t row = hd * (int64_t)sizeof(E);
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    if (prefetch_keys<E>() && (j & 3) == 0 && j + prefetch_keys<E>() + 4 <= n)
+      prefetch_bytes(vc + (j + prefetch_keys<E>()) * hd, 4 * row);
+    const __m512 a = _mm512_set1_ps(w[j]);
+    const E* v = vc + j * hd + d0;
+    for (int c = 0; c < C - 1; ++c) acc[c] = _mm512_fmadd_ps(a, load16(v + c * kLanes), acc[c]);
+    acc[C - 1] = _mm512_fmadd_ps(a, tail == kLanes ? load16(v + (C - 1) * kLanes) : load16(v + (C - 1) * kLanes, m),
+                                 acc[C - 1]);
+  }
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int c = 0; c < C - 1; ++c) _mm512_storeu_ps(out + d0 + c * kLanes, _mm512_mul_ps(acc[c], s));
+  _mm512_mask_storeu_ps(out + d0 + (C - 1) * kLanes, m, _mm512_mul_ps(acc[C - 1], s));
+}
+
+template <typename E>
+BITNET_AVX512 void all_values_avx512(const float* w, const E* vc, int64_t n, int64_t hd, float inv, float* out) {
+  int64_t d = 0;
+  for (; d + 128 <= hd; d += 128) values_avx512<8>(w, vc, n, hd, d, inv, out);
+  for (; d + 64 <= hd; d += 64) values_avx512<4>(w, vc, n, hd, d, inv, out);
+  for (; d + 16 <= hd; d += 16) values_avx512<1>(w, vc, n, hd, d, inv, out);
+  if (d < hd) values_avx512<1>(w, vc, n, hd, d, inv, out, (int)(hd - d));
 }
 #endif
 
 // acc[i] = sum_j w[j] v_j[d0 + i] (fma, in order of j) for i < W; out[d0 + i] = acc[i] * inv.
-template <int W>
-inline void weighted_values(const float* w, const float* vc, int64_t n, int64_t hd, int64_t d0, float inv,
-                            float* out) {
+template <int W, typename E>
+inline void weighted_values(const float* w, const E* vc, int64_t n, int64_t hd, int64_t d0, float inv, float* out) {
   float acc[W] = {};
   for (int64_t j = 0; j < n; ++j) {
     const float a = w[j];
-    const float* v = vc + j * hd + d0;
-    for (int i = 0; i < W; ++i) acc[i] = __builtin_fmaf(a, v[i], acc[i]);
+    const E* v = vc + j * hd + d0;
+    for (int i = 0; i < W; ++i) acc[i] = __builtin_fmaf(a, load(v + i), acc[i]);
   }
   for (int i = 0; i < W; ++i) out[d0 + i] = acc[i] * inv;
 }
@@ -150,18 +298,26 @@ inline void weighted_values(const float* w, const float* vc, int64_t n, int64_t 
 // result depends on nothing but its own q, keys and values (batch invariance):
 //   s_j = reduce_lanes(q . k_j, 16 lanes) * scale      4 keys per pass: 4 independent fma chains
 //   e_j = exp_nonpositive(s_j - max s), sum = reduce_lanes(e, 16 lanes)
-//   out = (sum_j e_j v_j) / sum                          64 (then 16, then 1) dimensions per pass
-BITNET_BLOCK_CLONES void attend_one(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
-                                    float scale, float* w, float* out) {
+//   out = (sum_j e_j v_j) / sum                          one fma chain per dimension, in order of j
+// Float16 keys / values are widened exactly, so they enter the same operations.
+template <typename E>
+__attribute__((always_inline)) inline void attend_one_body(const float* q, const E* kc, const E* vc, int64_t n,
+                                                           int64_t hd, float scale, float* w, float* out) {
   int64_t j = 0;
 #if defined(BITNET_ATTN_AVX512)
-  if (have_avx512()) {
+  const bool simd = have_avx512();
+  if (simd) {
     all_scores_avx512(q, kc, n, hd, scale, w);
     j = n;
   }
 #endif
-  for (; j + 4 <= n; j += 4) scores<4>(q, kc + j * hd, hd, scale, w + j);
+  for (; j + 4 <= n; j += 4) {
+    if (prefetch_keys<E>() && j + prefetch_keys<E>() + 4 <= n)
+      prefetch_bytes(kc + (j + prefetch_keys<E>()) * hd, 4 * hd * (int64_t)sizeof(E));
+    scores<4>(q, kc + j * hd, hd, scale, w + j);
+  }
   for (; j < n; ++j) scores<1>(q, kc + j * hd, hd, scale, w + j);
+  if (prefetch_keys<E>()) prefetch_bytes(vc, std::min<int64_t>(n, prefetch_keys<E>()) * hd * (int64_t)sizeof(E));
   float mx = -INFINITY;
   for (j = 0; j < n; ++j) mx = w[j] > mx ? w[j] : mx;
   float sums[kLanes] = {};
@@ -177,10 +333,30 @@ BITNET_BLOCK_CLONES void attend_one(const float* q, const float* kc, const float
     sums[l] += e;
   }
   const float inv = 1.0f / reduce_lanes(sums);
+#if defined(BITNET_ATTN_AVX512)
+  if (simd) return all_values_avx512(w, vc, n, hd, inv, out);
+#endif
   int64_t d = 0;
   for (; d + 64 <= hd; d += 64) weighted_values<64>(w, vc, n, hd, d, inv, out);
   for (; d + 16 <= hd; d += 16) weighted_values<16>(w, vc, n, hd, d, inv, out);
   for (; d < hd; ++d) weighted_values<1>(w, vc, n, hd, d, inv, out);
+}
+
+BITNET_BLOCK_CLONES void attend_one_f32(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
+                                        float scale, float* w, float* out) {
+  attend_one_body(q, kc, vc, n, hd, scale, w, out);
+}
+BITNET_BLOCK_CLONES void attend_one_f16(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd,
+                                        float scale, float* w, float* out) {
+  attend_one_body(q, kc, vc, n, hd, scale, w, out);
+}
+inline void attend_one(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd, float scale,
+                       float* w, float* out) {
+  attend_one_f32(q, kc, vc, n, hd, scale, w, out);
+}
+inline void attend_one(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd, float scale,
+                       float* w, float* out) {
+  attend_one_f16(q, kc, vc, n, hd, scale, w, out);
 }
 
 // ---- prefill: blocks of up to kQB queries of one head, vectorised across the queries ----
@@ -193,9 +369,10 @@ struct BlockScratch {
 // Queries q[i] (i < nq <= kQB, hd floats each) of one head against cached keys/values (rows of hd):
 // query i sees keys 0 .. last[i]. out[i] = softmax(q k^T * scale) v. Every vector has one lane per
 // query, so that no horizontal sums are needed: S^T (n, 16) = K Q^T, then O^T (hd, 16) = V^T P^T.
-BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64_t* last, const float* kc,
-                                      const float* vc, int64_t hd, float scale, float* const* out,
-                                      BlockScratch& sc) {
+template <typename E>
+__attribute__((always_inline)) inline void attend_block_body(const float* const* q, int nq, const int64_t* last,
+                                                             const E* kc, const E* vc, int64_t hd, float scale,
+                                                             float* const* out, BlockScratch& sc) {
   int64_t n = 0;
   for (int i = 0; i < nq; ++i) n = std::max(n, last[i] + 1);
   sc.qt.assign((size_t)(hd * kQB), 0.0f);
@@ -212,14 +389,15 @@ BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     float a0[kQB] = {}, a1[kQB] = {}, a2[kQB] = {}, a3[kQB] = {};
-    const float *k0 = kc + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    const E *k0 = kc + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
     for (int64_t d = 0; d < hd; ++d) {
       const float* qd = qt + d * kQB;
+      const float c0 = load(k0 + d), c1 = load(k1 + d), c2 = load(k2 + d), c3 = load(k3 + d);
       for (int i = 0; i < kQB; ++i) {
-        a0[i] = __builtin_fmaf(qd[i], k0[d], a0[i]);
-        a1[i] = __builtin_fmaf(qd[i], k1[d], a1[i]);
-        a2[i] = __builtin_fmaf(qd[i], k2[d], a2[i]);
-        a3[i] = __builtin_fmaf(qd[i], k3[d], a3[i]);
+        a0[i] = __builtin_fmaf(qd[i], c0, a0[i]);
+        a1[i] = __builtin_fmaf(qd[i], c1, a1[i]);
+        a2[i] = __builtin_fmaf(qd[i], c2, a2[i]);
+        a3[i] = __builtin_fmaf(qd[i], c3, a3[i]);
       }
     }
     for (int i = 0; i < kQB; ++i) {
@@ -231,9 +409,11 @@ BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64
   }
   for (; j < n; ++j) {
     float a0[kQB] = {};
-    const float* k0 = kc + j * hd;
-    for (int64_t d = 0; d < hd; ++d)
-      for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(qt[d * kQB + i], k0[d], a0[i]);
+    const E* k0 = kc + j * hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      const float c0 = load(k0 + d);
+      for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(qt[d * kQB + i], c0, a0[i]);
+    }
     for (int i = 0; i < kQB; ++i) st[j * kQB + i] = a0[i] * scale;
   }
   // softmax over the keys each query sees (the others get weight 0)
@@ -257,12 +437,13 @@ BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64
     float a0[kQB] = {}, a1[kQB] = {}, a2[kQB] = {}, a3[kQB] = {};
     for (j = 0; j < n; ++j) {
       const float* w = st + j * kQB;
-      const float* v = vc + j * hd + d;
+      const E* v = vc + j * hd + d;
+      const float v0 = load(v), v1 = load(v + 1), v2 = load(v + 2), v3 = load(v + 3);
       for (int i = 0; i < kQB; ++i) {
-        a0[i] = __builtin_fmaf(w[i], v[0], a0[i]);
-        a1[i] = __builtin_fmaf(w[i], v[1], a1[i]);
-        a2[i] = __builtin_fmaf(w[i], v[2], a2[i]);
-        a3[i] = __builtin_fmaf(w[i], v[3], a3[i]);
+        a0[i] = __builtin_fmaf(w[i], v0, a0[i]);
+        a1[i] = __builtin_fmaf(w[i], v1, a1[i]);
+        a2[i] = __builtin_fmaf(w[i], v2, a2[i]);
+        a3[i] = __builtin_fmaf(w[i], v3, a3[i]);
       }
     }
     for (int i = 0; i < kQB; ++i) {
@@ -274,8 +455,10 @@ BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64
   }
   for (; d < hd; ++d) {
     float a0[kQB] = {};
-    for (j = 0; j < n; ++j)
-      for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(st[j * kQB + i], vc[j * hd + d], a0[i]);
+    for (j = 0; j < n; ++j) {
+      const float v0 = load(vc + j * hd + d);
+      for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(st[j * kQB + i], v0, a0[i]);
+    }
     for (int i = 0; i < kQB; ++i) ot[d * kQB + i] = a0[i];
   }
   for (int i = 0; i < nq; ++i) {
@@ -284,34 +467,52 @@ BITNET_BLOCK_CLONES void attend_block(const float* const* q, int nq, const int64
   }
 }
 
-}  // namespace
-}  // namespace bitnet
 
-using namespace bitnet;
+BITNET_BLOCK_CLONES void attend_block_f32(const float* const* q, int nq, const int64_t* last, const float* kc,
+                                          const float* vc, int64_t hd, float scale, float* const* out,
+                                          BlockScratch& sc) {
+  attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);
+}
+BITNET_BLOCK_CLONES void attend_block_f16(const float* const* q, int nq, const int64_t* last, const half_t* kc,
+                                          const half_t* vc, int64_t hd, float scale, float* const* out,
+                                          BlockScratch& sc) {
+  attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);
+}
+inline void attend_block(const float* const* q, int nq, const int64_t* last, const float* kc, const float* vc,
+                         int64_t hd, float scale, float* const* out, BlockScratch& sc) {
+  attend_block_f32(q, nq, last, kc, vc, hd, scale, out, sc);
+}
+inline void attend_block(const float* const* q, int nq, const int64_t* last, const half_t* kc, const half_t* vc,
+                         int64_t hd, float scale, float* const* out, BlockScratch& sc) {
+  attend_block_f16(q, nq, last, kc, vc, hd, scale, out, sc);
+}
 
-extern "C" int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
-                                     const float* cos_table, const float* sin_table, int64_t table_len,
-                                     float* k_cache, float* v_cache, int64_t max_len, const int64_t* pos,
-                                     float* out) {
-  if (B < 0 || T < 0 || Hq < 1 || Hkv < 1 || Hq % Hkv || hd < 2 || hd % 2) return BITNET_EINVAL;
-  for (int64_t b = 0; b < B; ++b)
-    if (pos[b] < 0 || pos[b] + T > max_len || pos[b] + T > table_len) return BITNET_EINVAL;
+// One layer's attention step with a cache of element type E (see bitnet_attention_step).
+template <typename E>
+void attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* cos_table,
+                    const float* sin_table, E* k_cache, E* v_cache, int64_t max_len, const int64_t* pos, float* out) {
   const int64_t ld = (Hq + 2 * Hkv) * hd;      // qkv row: q heads | k heads | v heads
   const int64_t group = Hq / Hkv;
-  // 1. rotary on q and k; k and v appended to the caches (B, Hkv, max_len, hd) at pos[b] + t
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = qkv + (b * T + t) * ld;
+  const int64_t nthreads = native_threads();
+  // 1. rotary on q and k; k and v appended to the caches (B, Hkv, max_len, hd) at pos[b] + t, one token
+  //    per task (the appends miss the cache: spread over the threads)
+  const int64_t ntok = B * T;
+  const int64_t ttasks = (nthreads > 1 && ntok > 1) ? std::min<int64_t>(ntok, nthreads) : 1;
+  native_parallel_for(ttasks, [&](int64_t task) {
+    for (int64_t bt = task * ntok / ttasks; bt < (task + 1) * ntok / ttasks; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      float* row = qkv + bt * ld;
       const int64_t p = pos[b] + t;
       const float* c = cos_table + p * hd;
       const float* s = sin_table + p * hd;
       for (int64_t h = 0; h < Hq + Hkv; ++h) rope(row + h * hd, hd, c, s);
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t at = ((b * Hkv + g) * max_len + p) * hd;
-        std::copy(row + (Hq + g) * hd, row + (Hq + g + 1) * hd, k_cache + at);
-        std::copy(row + (Hq + Hkv + g) * hd, row + (Hq + Hkv + g + 1) * hd, v_cache + at);
+        store_row(row + (Hq + g) * hd, hd, k_cache + at);
+        store_row(row + (Hq + Hkv + g) * hd, hd, v_cache + at);
       }
     }
+  });
   // 2. query (b, t, h) reads keys 0..pos[b]+t of K/V head h / group
   const float scale = 1.0f / std::sqrt((float)hd);
   if (T >= 8) {  // prefill: blocks of kQB queries of one head (b, h, t-block), vectorised across queries
@@ -332,12 +533,11 @@ extern "C" int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t H
       const int64_t at = (b * Hkv + g) * max_len * hd;
       attend_block(qs, (int)nq, last, k_cache + at, v_cache + at, hd, scale, os, sc);
     });
-    return BITNET_OK;
+    return;
   }
   const int64_t nq = B * T * Hq;
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += T * Hq * (pos[b] + T) * hd;
-  const int64_t nthreads = native_threads();
   const int64_t ntasks = (nthreads > 1 && work > (1 << 16)) ? std::min<int64_t>(nq, nthreads * 4) : 1;
   native_parallel_for(ntasks, [&](int64_t task) {
     thread_local std::vector<float> w;
@@ -350,5 +550,30 @@ extern "C" int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t H
                  out + bt * Hq * hd + h * hd);
     }
   });
+}
+
+}  // namespace
+}  // namespace bitnet
+
+using namespace bitnet;
+
+extern "C" const char* bitnet_kv_dtype_name(int code) {
+  return code >= 0 && code < kKvDtypeCount ? kKvDtypeNames[code] : nullptr;
+}
+
+extern "C" int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
+                                     const float* cos_table, const float* sin_table, int64_t table_len,
+                                     void* k_cache, void* v_cache, int kv_dtype, int64_t max_len,
+                                     const int64_t* pos, float* out) {
+  if (B < 0 || T < 0 || Hq < 1 || Hkv < 1 || Hq % Hkv || hd < 2 || hd % 2) return BITNET_EINVAL;
+  if (kv_dtype < 0 || kv_dtype >= kKvDtypeCount) return BITNET_EINVAL;
+  for (int64_t b = 0; b < B; ++b)
+    if (pos[b] < 0 || pos[b] + T > max_len || pos[b] + T > table_len) return BITNET_EINVAL;
+  if (kv_dtype == kKvF16)
+    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (half_t*)k_cache, (half_t*)v_cache, max_len, pos,
+                   out);
+  else
+    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (float*)k_cache, (float*)v_cache, max_len, pos,
+                   out);
   return BITNET_OK;
 }

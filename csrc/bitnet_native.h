@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 5
+#define BITNET_ABI_VERSION 6
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -88,16 +88,25 @@ BITNET_API int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int6
                                       const uint8_t* const* w, const int64_t* n, int64_t ldw,
                                       const float* const* w_scale, const float* const* bias,
                                       float* out, int64_t ldo, int isa);
-/* One layer's attention step (float32), for B rows of T new tokens each:
+/* Element types of a KV cache: float32, or IEEE binary16 (written with round-to-nearest-even, as torch's
+ * Tensor.half(), and widened exactly when read; the attention math is float32 either way). */
+enum { BITNET_KV_F32 = 0, BITNET_KV_F16 = 1 };
+/* Name of KV-cache element type `code` ("float32", "float16"), NULL past the last one: read back by the
+ * Python side at load (bitnet.ops.cpu.KV_DTYPES). */
+BITNET_API const char* bitnet_kv_dtype_name(int code);
+/* One layer's attention step (float32 math), for B rows of T new tokens each:
  *   qkv (B*T, (Hq + 2*Hkv) * hd): per token the q heads, k heads, v heads (rotated in place);
  *   rotary: rotate-half with cos/sin tables (table_len, hd) at position pos[b] + t;
- *   k/v appended to k_cache/v_cache (B, Hkv, max_len, hd) (contiguous) at pos[b] + t;
+ *   k/v appended to k_cache/v_cache (B, Hkv, max_len, hd) (contiguous, elements of kv_dtype, a
+ *   BITNET_KV_* code) at pos[b] + t;
  *   out (B*T, Hq*hd) = softmax(q k^T / sqrt(hd)) v over keys 0..pos[b]+t of K/V head h / (Hq/Hkv).
- * BITNET_EINVAL if pos[b] + T exceeds max_len or table_len, or the head counts do not divide. */
+ * A query's result depends only on its own q, keys and values (not on B, T or the other rows), and is the
+ * same on every ISA. BITNET_EINVAL if pos[b] + T exceeds max_len or table_len, the head counts do not
+ * divide, or kv_dtype is unknown. */
 BITNET_API int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
                                      const float* cos_table, const float* sin_table, int64_t table_len,
-                                     float* k_cache, float* v_cache, int64_t max_len, const int64_t* pos,
-                                     float* out);
+                                     void* k_cache, void* v_cache, int kv_dtype, int64_t max_len,
+                                     const int64_t* pos, float* out);
 /* Weight layouts of bitnet_linear_set.format: I2 (above) or the experimental TQ1 of tq1_native.h. */
 enum { BITNET_WEIGHTS_I2 = 0, BITNET_WEIGHTS_TQ1 = 1 };
 
@@ -136,9 +145,10 @@ typedef struct {
  * the table of codes, read back by the Python side at load. */
 BITNET_API const char* bitnet_block_activation(int code);
 /* Runs `blk` on x (B*T, dim) float32 in place: B rows of T tokens, token t of row b at position
- * pos[b] + t, appending to k_cache/v_cache (B, kv_heads, max_len, head_dim). */
-BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, float* k_cache,
-                                    float* v_cache, int64_t max_len, const int64_t* pos, int isa);
+ * pos[b] + t, appending to k_cache/v_cache (B, kv_heads, max_len, head_dim) of element type kv_dtype
+ * (a BITNET_KV_* code; see bitnet_attention_step). */
+BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, void* k_cache,
+                                    void* v_cache, int kv_dtype, int64_t max_len, const int64_t* pos, int isa);
 /* Starts reading the n byte ranges (ptrs[i], lens[i]) into cache on the thread pool's workers and
  * returns at once; the next native call stops it. Meant for the weights of the next call, while the
  * caller does other work (attention, norms in Python). The ranges must stay valid until that call. */

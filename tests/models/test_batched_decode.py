@@ -24,22 +24,23 @@ def model():
                               max_seq_len=MAX_LEN, seed=3)
 
 
-def _caches(model, batch, seed):
+def _caches(model, batch, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    caches = model.new_caches(batch, MAX_LEN)
+    caches = model.new_caches(batch, MAX_LEN, dtype=dtype)
     for c in caches:
-        c.k.normal_(generator=g)
-        c.v.normal_(generator=g)
+        c.k.copy_(torch.randn(c.k.shape, generator=g))
+        c.v.copy_(torch.randn(c.v.shape, generator=g))
     return caches
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("isa", native.supported_isas())
 @pytest.mark.parametrize("batch", [2, 5, 16])
-def test_row_in_batch_equals_row_alone(model, isa, batch):
+def test_row_in_batch_equals_row_alone(model, isa, batch, kv_dtype):
     g = torch.Generator().manual_seed(batch)
     tokens = torch.randint(0, 256, (batch, 1), generator=g)
     positions = torch.randint(0, MAX_LEN - 1, (batch,), generator=g)
-    caches = _caches(model, batch, seed=batch)
+    caches = _caches(model, batch, seed=batch, dtype=kv_dtype)
     alone = [[KVCache(1, c.k.shape[1], MAX_LEN, c.k.shape[3], _storage=(c.k[r:r + 1].clone(), c.v[r:r + 1].clone()))
               for c in caches] for r in range(batch)]
     old = native.default_isa()
@@ -53,6 +54,7 @@ def test_row_in_batch_equals_row_alone(model, isa, batch):
                 one = model(tokens[r:r + 1], alone[r], positions[r:r + 1].clone())
                 assert torch.equal(one[0], logits[r]), f"{isa}: row {r} of {batch} (position {int(positions[r])})"
                 for c, a in zip(caches, alone[r]):
+                    assert c.k.dtype == a.k.dtype == kv_dtype
                     assert torch.equal(c.k[r], a.k[0]) and torch.equal(c.v[r], a.v[0])
     finally:
         native.set_default_isa(old)

@@ -290,6 +290,68 @@ def test_uncached_forward_equals_cached_prefill_and_module_path(isa):
 
 
 # ------------------------------------------------------------------------------------------------
+# Float16 KV caches: the native blocks read and write them in place, as the module path's KVCache does
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_half_cache_decode_equals_module_path(isa, kv_heads):
+    """A float16 cache (odd positions: a 7-token prefill, then 40 greedy steps), every ISA: each step from
+    the same cache on both paths writes the same float16 entries (the native rounding is Tensor.half()'s)
+    and gives the same logits as closely as the float32 cache does; the free-running decodes agree."""
+    m = packed_model(kv_heads, "relu2")
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), Paths(m) as paths:
+        caches = m.new_caches(1, 48, dtype=torch.float16)
+        fused, ref = stepwise(paths, m, caches, prompt, 0, 40)
+        assert_step_parity(fused, ref)
+        twin = clone_caches(caches)
+        last = ref[0, -1].argmax().view(1, 1)
+        paths.fused(lambda: m(last, caches=twin, start_pos=47))
+        paths.module(lambda: m(last, caches=caches, start_pos=47))
+        for a, b in zip(twin, caches):
+            assert same_bits(a.k, b.k) and same_bits(a.v, b.v)
+        free_fused, free_ref = paths.both(lambda: free_greedy_half(m, prompt, 40))
+    assert assert_same_greedy_run(free_fused, free_ref) >= 25
+
+
+def free_greedy_half(model, prompt, steps):
+    caches = model.new_caches(1, prompt.shape[1] + steps, dtype="float16")
+    logits = [model(prompt, caches=caches, start_pos=0)[0, -1]]
+    for i in range(steps):
+        logits.append(model(logits[-1].argmax().view(1, 1), caches=caches, start_pos=prompt.shape[1] + i)[0, -1])
+    return torch.stack(logits)
+
+
+def test_half_cache_batched_rows_equal_module_path(isa):
+    """Per-row positions on a float16 cache (the server's step) against the module path."""
+    m = packed_model()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad(), Paths(m) as paths:
+        caches = m.new_caches(3, 40, dtype=torch.float16)
+        for c in caches:
+            c.k.copy_(torch.randn(c.k.shape, generator=g))
+            c.v.copy_(torch.randn(c.v.shape, generator=g))
+        tokens = torch.randint(0, VOCAB, (3, 1), generator=g)
+        fused, ref = stepwise(paths, m, caches, tokens, torch.tensor([2, 17, 9]), 16)
+    assert_step_parity(fused, ref)
+
+
+def test_half_cache_is_used_in_place():
+    """The fused path takes a float16 cache (no module fallback) and leaves the float32 one alone."""
+    m = packed_model()
+    tokens = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        caches = m.new_caches(2, 8, dtype=torch.float16)
+        before = native_block_calls()
+        m(tokens, caches=caches, start_pos=0)
+        assert native_block_calls() == before + len(m.layers)
+    assert all(c.k.dtype == torch.float16 and c.k[:, :, :5].abs().sum() > 0 for c in caches)
+
+
+# ------------------------------------------------------------------------------------------------
 # Spec, activation table, when the path is taken
 
 def test_activation_table_is_read_from_the_library():

@@ -62,6 +62,41 @@ def test_mgqa_kv_cache_matches_full_pass():
     assert cache.length == 9
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_half_kv_cache_stores_rounded_and_returns_float32(per_row):
+    """A float16 cache beside float32 k/v: the entries are .half() of them, update returns them widened,
+    the attention over it stays close to the float32 cache's (the only difference: the rounding)."""
+    torch.manual_seed(1)
+    attn = BitMGQA(64, 4, 2, rotary=True, max_seq_len=32).eval()
+    x = torch.randn(2, 9, 64)
+    caches = {dt: KVCache(2, 2, 16, 16, dtype=dt) for dt in (torch.float32, torch.float16)}
+    outs = {}
+    for dt, cache in caches.items():
+        parts = [attn(x[:, :5], x[:, :5], x[:, :5], is_causal=True, cache=cache, start_pos=0)[0]]
+        for t in range(5, 9):
+            xt, pos = x[:, t:t + 1], (torch.tensor([t, t]) if per_row else t)
+            parts.append(attn(xt, xt, xt, is_causal=True, cache=cache, start_pos=pos)[0])
+        outs[dt] = torch.cat(parts, 1)
+    half, full = caches[torch.float16], caches[torch.float32]
+    assert half.k.dtype == torch.float16 and torch.equal(half.k, full.k.half()) and torch.equal(half.v, full.v.half())
+    k, v = half.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), 9)
+    assert k.dtype == v.dtype == torch.float32 and torch.equal(k[:, :, :9], full.k[:, :, :9].half().float())
+    assert outs[torch.float16].dtype == torch.float32
+    assert torch.allclose(outs[torch.float16], outs[torch.float32], atol=5e-3, rtol=5e-3)
+    assert not torch.equal(outs[torch.float16], outs[torch.float32])
+
+
+def test_kv_dtype_names_and_errors():
+    from bitnet.nn.attention import kv_dtype
+
+    assert kv_dtype("float16") is torch.float16 and kv_dtype(torch.float32) is torch.float32 and kv_dtype(None) is None
+    for bad in ("fp16", "half", torch.int8, 16):
+        with pytest.raises(ValueError, match=r"kv_dtype must be one of float32, float16, bfloat16 .*got"):
+            kv_dtype(bad)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        KVCache(1, 2, 4, 8, dtype=torch.int8)
+
+
 def test_mgqa_errors_name_the_argument():
     with pytest.raises(ValueError, match="query_heads=7 .*embed_dim=512"):
         BitMGQA(512, 7, 1)

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
 
 
@@ -30,10 +32,11 @@ def test_classify_tells_drift_from_mixing():
 
 
 
-def test_batched_answers_equal_answers_alone_on_the_packed_native_server(model_dir, capsys):
+@pytest.mark.parametrize("kv_dtype", [None, "float16"])
+def test_batched_answers_equal_answers_alone_on_the_packed_native_server(model_dir, capsys, kv_dtype):
     """Batch invariance end to end: with ``--exact`` every batched answer must equal the same prompt's
-    answer alone (no drift) on a packed model served by the native CPU kernels."""
-    import pytest
+    answer alone (no drift) on a packed model served by the native CPU kernels, with float32 and float16
+    KV caches."""
 
     from bitnet.generate import BitNetInference
     from bitnet.runtime import native_decode
@@ -45,10 +48,17 @@ def test_batched_answers_equal_answers_alone_on_the_packed_native_server(model_d
     if not native_decode(inference.model):
         pytest.skip("the native CPU backend is not available")
     create_app, ServerThread = http_parts()
-    engine = Engine(inference.model, inference.tokenizer, slots=4, max_queue=32)
+    engine = Engine(inference.model, inference.tokenizer, slots=4, max_queue=32, kv_dtype=kv_dtype)
     with ServerThread(create_app(engine, "tiny")) as srv:
         rc = load_script().main(["--url", srv.url, "--clients", "1,4", "--requests", "12", "--max-tokens", "24",
                                  "--prompts", "6", "--exact"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "drift=0" in out and "mixed=0" in out and "lost=0" in out
+    assert f"server: KV caches {kv_dtype or 'float32'}" in out
+
+
+def test_kv_dtype_needs_a_server_of_its_own(capsys):
+    with pytest.raises(SystemExit):
+        load_script().main(["--url", "http://127.0.0.1:1", "--kv-dtype", "float16"])
+    assert "--kv-dtype sets up the server this script starts" in capsys.readouterr().err

@@ -52,3 +52,53 @@ def test_bitnet_serve_command(model_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def _wait_healthy(proc, port):
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
+            time.sleep(0.2)
+
+
+def test_bitnet_serve_with_a_float16_kv_cache(model_dir):
+    """``--kv-dtype float16`` on the packed model: /health reports it, and concurrent greedy requests (rows
+    of one batched step over float16 caches) get exactly what each prompt gets alone."""
+    import concurrent.futures
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--host", "127.0.0.1",
+                             "--port", str(port), "--slots", "4", "--threads", "1", "--log-level", "warning",
+                             "--pack", "--kv-dtype", "float16"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_healthy(proc, port)["kv_dtype"] == "float16"
+        url = f"http://127.0.0.1:{port}/v1/completions"
+
+        def complete(prompt):
+            r = httpx.post(url, timeout=120, json={"prompt": prompt, "max_tokens": 24, "temperature": 0}).json()
+            assert r["usage"]["completion_tokens"] == 24
+            return r["choices"][0]["text"]
+
+        prompts = [f"Prompt {i}: {'ab' * i}" for i in range(6)]
+        alone = [complete(p) for p in prompts]
+        assert len(set(alone)) == len(alone)
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
+        assert together == alone
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["active"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_bitnet_serve_rejects_a_bad_kv_dtype(model_dir):
+    r = subprocess.run([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--kv-dtype", "fp8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--kv-dtype: invalid choice: 'fp8' (choose from 'float32', 'float16')" in r.stderr

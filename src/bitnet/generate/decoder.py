@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..nn.attention import kv_dtype as parse_kv_dtype
 from ..runtime import native_decode, torch_threads
 
 
@@ -68,18 +69,27 @@ class Decoder:
         rows: sequences held at once (rows of the batch caches).
         max_len: tokens per row, prompt + output (default and maximum: ``model.max_seq_len``).
         static: fixed-shape caches for capture (see :class:`bitnet.nn.KVCache`).
+        kv_dtype: what the KV caches store: None (the model's dtype, the default), ``"float32"``,
+            ``"float16"`` or ``"bfloat16"`` (or that torch dtype; see :data:`bitnet.nn.attention.KV_DTYPES`).
+            ``"float16"`` beside a float32 model halves the bytes each step reads from the caches; keys and
+            values are rounded to it when written, the attention math stays float32. Needs a model whose
+            ``new_caches`` takes ``dtype=``.
 
     Attributes:
         positions: per row, how many of its tokens are in the caches (where its next token goes).
     """
 
-    def __init__(self, model: nn.Module, rows: int = 1, max_len: int | None = None, *, static: bool = False):
+    def __init__(self, model: nn.Module, rows: int = 1, max_len: int | None = None, *, static: bool = False,
+                 kv_dtype=None):
         self.rows = _check_count("rows", rows, 1)
+        self.kv_dtype = parse_kv_dtype(kv_dtype)
+        # the caches' dtype, for every cache the decoder makes (prefill_rows' scratch ones too)
+        self._cache_args = {} if self.kv_dtype is None else {"dtype": self.kv_dtype}
         max_seq_len = int(model.max_seq_len)
         self.max_len = _check_count("max_len", max_seq_len if max_len is None else max_len, 1, max_seq_len)
         self.model = model.eval()
         self.device = model_device(model)
-        self.caches = model.new_caches(rows, self.max_len, static=static)
+        self.caches = model.new_caches(rows, self.max_len, static=static, **self._cache_args)
         self.positions = [0] * rows
         self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self._ragged = accepts_argument(model, "logits_at") and not static   # prefill_rows in one forward
@@ -176,7 +186,7 @@ class Decoder:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
         last = torch.tensor(lengths, dtype=torch.int64) - 1                                   # (G,)
-        scratch = self.model.new_caches(g, t)                                               # (G, Hkv, T, hd) each
+        scratch = self.model.new_caches(g, t, **self._cache_args)                           # (G, Hkv, T, hd) each
         with torch.inference_mode(), torch_threads(self.torch_threads):
             logits = self.model(ids.to(self.device), caches=scratch, start_pos=0,
                                 logits_at=last.to(self.device))[:, 0]                         # (G, vocab)

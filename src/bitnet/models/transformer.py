@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import AttentionSpec, BitMGQA, KVCache
+from ..nn.attention import AttentionSpec, BitMGQA, KVCache, kv_dtype
 from ..nn.feedforward import BitFeedForward, FeedForwardSpec
 from ..nn.layers import check_weights
 from ..nn.norm import RMSNorm
@@ -159,9 +159,15 @@ class BitNetTransformer(nn.Module):
     def new_caches(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None,
                    static: bool = False) -> list[KVCache]:
         """One preallocated KV cache per block for decoding ``batch`` sequences of up to ``max_len`` tokens
-        (``static``: fixed-shape decode steps for capture, see :class:`bitnet.nn.KVCache`)."""
+        (``static``: fixed-shape decode steps for capture, see :class:`bitnet.nn.KVCache`).
+
+        ``dtype``: what the caches store, one of :data:`bitnet.nn.attention.KV_DTYPES` (a torch dtype or its
+        name); default the model's compute dtype. ``torch.float16`` beside a float32 model halves the bytes
+        each decode step reads from the caches (the math stays float32; the fused native CPU blocks read
+        float16 caches in place)."""
         param = self.norm.weight                  # compute dtype (the embedding table may be stored in 16 bits)
         attn = self.layers[0].attn
+        dtype = kv_dtype(dtype, "dtype")
         return [
             KVCache(batch, attn.kv_heads, max_len or self.max_seq_len, attn.head_dim,
                     device=device or param.device, dtype=dtype or param.dtype, static=static)

@@ -15,6 +15,21 @@ from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Element types a KV cache may be asked for by name (``kv_dtype`` arguments, ``--kv-dtype`` flags)."""
+
+
+def kv_dtype(value, name: str = "kv_dtype") -> Optional[torch.dtype]:
+    """``value`` (None, a name of :data:`KV_DTYPES` or one of its torch dtypes) as a torch dtype (None stays
+    None: the model's own dtype); anything else raises ValueError naming ``name`` and the allowed values."""
+    if value is None or (isinstance(value, torch.dtype) and value in KV_DTYPES.values()):
+        return value
+    if isinstance(value, str) and value in KV_DTYPES:
+        return KV_DTYPES[value]
+    raise ValueError(f"{name} must be one of {', '.join(KV_DTYPES)} (or that torch.dtype, or None for the "
+                     f"model's dtype), got {value!r}")
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values (batch, kv_heads, max_len, head_dim) and the number of filled positions.
 
@@ -25,11 +40,20 @@ class KVCache(nn.Module):
     ``static=True``: with per-row positions, :meth:`update` returns the whole cache (max_len positions;
     attention masks the ones past each row's position) and reads no value back to Python, so the shapes
     of a decode step never change and the step can be captured (torch.compile fullgraph, CUDA graphs).
+
+    ``dtype``: what the cache stores (a floating dtype; default float32). A cache narrower than the model's
+    compute dtype (``torch.float16`` beside a float32 model: half the bytes a decode step reads) stores
+    k/v rounded to it (``Tensor.to``, nearest even) and :meth:`update` returns them widened back to the
+    dtype of the k/v it was given, so the attention math keeps the model's dtype. The fused native CPU
+    blocks read and write float32 and float16 caches in place (bitnet.ops.cpu.KV_DTYPES), with the same
+    rounding.
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32,
                  _storage: tuple[torch.Tensor, torch.Tensor] | None = None, static: bool = False):
         super().__init__()
+        if _storage is None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.float16), got {dtype!r}")
         shape = (batch, kv_heads, max_len, head_dim)
         k, v = _storage if _storage is not None else (torch.zeros(shape, device=device, dtype=dtype),
                                                       torch.zeros(shape, device=device, dtype=dtype))
@@ -45,7 +69,7 @@ class KVCache(nn.Module):
         return KVCache(1, k.shape[1], self.max_len, k.shape[3], _storage=(k, v), static=self.static)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, T, hd) at ``start_pos``; return all keys/values so far.
+        """Write k, v (B, kv_heads, T, hd) at ``start_pos``; return all keys/values so far (in k's / v's dtype).
 
         ``start_pos`` is an int (all rows aligned) or a LongTensor (B,) of per-row positions (T must be 1);
         in that case the returned keys span ``max(start_pos) + 1`` positions and rows must be masked.
@@ -61,7 +85,7 @@ class KVCache(nn.Module):
             self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)                 # (B, Hkv, hd)
             self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
             if self.static:
-                return self.k, self.v
+                return self.k.to(k.dtype), self.v.to(v.dtype)
         else:
             end = start_pos + k.shape[2]
             if end > self.max_len:
@@ -69,7 +93,8 @@ class KVCache(nn.Module):
             self.k[:, :, start_pos:end] = k.to(self.k.dtype)
             self.v[:, :, start_pos:end] = v.to(self.v.dtype)
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        # widened to the dtype of the given k/v (a no-op when the cache has it): the math keeps that dtype
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -72,9 +72,10 @@ SIGNATURES = {
     "bitnet_quantize_act": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _P, _I], _I),
     "bitnet_bitlinear": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _I64, _F, _P, _P, _I64, _I], _I),
     "bitnet_prefetch_async": ([_I, _P, _P], _I),
-    "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _I64, _P, _I], _I),
+    "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _I, _I64, _P, _I], _I),
     "bitnet_block_activation": ([_I], ctypes.c_char_p),
-    "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _P, _P], _I),
+    "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I, _I64, _P, _P], _I),
+    "bitnet_kv_dtype_name": ([_I], ctypes.c_char_p),
     "bitnet_prefetch_wait": ([], None),
     "bitnet_bitlinear_multi": ([_P, _I64, _I64, _I64, _I, _F, _P, _F, _I, _P, _P, _I64, _P, _P, _P, _I64, _I], _I),
     "bitnet_int8_matmul_int": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I], _I),
@@ -351,27 +352,56 @@ def bitlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: float, in_featur
     return out
 
 
+def _kv_dtypes() -> tuple[torch.dtype, ...]:
+    names = []
+    while _lib is not None and (name := _lib.bitnet_kv_dtype_name(len(names))) is not None:
+        names.append(name.decode())
+    return tuple(getattr(torch, n) for n in names)
+
+
+KV_DTYPES = _kv_dtypes()
+"""Element types of the KV caches the native attention reads and writes, indexed by their code: read from
+the library's own table (``bitnet_kv_dtype_name`` in csrc/attention.cpp): ``(torch.float32, torch.float16)``.
+Float16 entries are rounded to nearest even when written (the bits of ``Tensor.half()``) and widened
+exactly when read; the attention math is float32. Empty when the library is not loaded."""
+
+
+def kv_dtype_code(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The library's code of the caches' element type (both alike, one of :data:`KV_DTYPES`)."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_DTYPES:
+        raise ValueError(f"k_cache and v_cache must both have one dtype of {[str(d) for d in KV_DTYPES]}, got "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
+    return KV_DTYPES.index(k_cache.dtype)
+
+
 def attention_step(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary + KV-cache append + causal attention of one layer in one native call (float32).
+    """Rotary + KV-cache append + causal attention of one layer in one native call (float32 math).
 
-    qkv (B*T, (heads + 2*kv_heads) * head_dim) contiguous: each token's q, k, v heads (q and k are
-    rotated in place); cos/sin (L, head_dim) rotary tables; k_cache/v_cache (B, kv_heads, max_len,
-    head_dim) contiguous; positions int64 (B,): token t of row b sits at positions[b] + t and attends
-    to cache positions 0..positions[b] + t. Returns out (B*T, heads * head_dim).
+    qkv (B*T, (heads + 2*kv_heads) * head_dim) contiguous float32: each token's q, k, v heads (q and k are
+    rotated in place); cos/sin (L, head_dim) float32 rotary tables; k_cache/v_cache (B, kv_heads, max_len,
+    head_dim) contiguous, float32 or float16 (:data:`KV_DTYPES`: float16 entries are written rounded to
+    nearest even, as ``Tensor.half()``); positions int64 (B,): token t of row b sits at positions[b] + t and
+    attends to cache positions 0..positions[b] + t. Returns out (B*T, heads * head_dim) float32.
     """
     lib = _need()
-    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 tensor, got {t.dtype}")
+    code = kv_dtype_code(k_cache, v_cache)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not t.is_contiguous() or t.dim() != 4 or tuple(t.shape) != tuple(k_cache.shape):
+            raise ValueError(f"{name} must be a contiguous (batch, kv_heads, max_len, head_dim) tensor like k_cache")
     if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.numel() != batch:
         raise ValueError(f"positions must be a contiguous int64 tensor of {batch} start positions")
     rows = qkv.shape[0]
     if batch <= 0 or rows % batch or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim:
         raise ValueError(f"qkv must have shape (batch * T, (heads + 2 * kv_heads) * head_dim), got {tuple(qkv.shape)}")
+    if tuple(k_cache.shape[:2]) != (batch, kv_heads) or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache must have shape ({batch}, {kv_heads}, max_len, {head_dim}), got {tuple(k_cache.shape)}")
     out = torch.empty((rows, heads * head_dim), dtype=torch.float32)
     rc = lib.bitnet_attention_step(qkv.data_ptr(), batch, rows // batch, heads, kv_heads, head_dim, cos.data_ptr(),
-                                   sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(),
+                                   sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), code,
                                    k_cache.shape[2], positions.data_ptr(), out.data_ptr())
     _check_rc(rc, "attention_step (a position beyond the cache or rotary table?)")
     return out
@@ -485,7 +515,7 @@ class NativeBlock:
 
     ``block(x, k_cache, v_cache, positions)`` updates x (B*T, dim) float32 contiguous in place, for B
     rows of T tokens, row b's tokens at positions[b] + t (int64 (B,)), and appends to the caches
-    (B, kv_heads, max_len, head_dim).
+    (B, kv_heads, max_len, head_dim), float32 or float16 (:data:`KV_DTYPES`).
     """
 
     def __init__(self, groups: dict, norms: dict, heads: int, kv_heads: int, head_dim: int, activation: str,
@@ -522,7 +552,8 @@ class NativeBlock:
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions) -> None:
         """positions: an int (every row starts there) or an int64 (B,) tensor. The caller guarantees the
-        layouts (x contiguous float32 (B*T, dim), caches contiguous float32 (B, kv_heads, max_len, hd))."""
+        layouts (x contiguous float32 (B*T, dim), caches contiguous (B, kv_heads, max_len, hd) of one dtype of
+        :data:`KV_DTYPES`)."""
         lib = _need()
         batch = k_cache.shape[0]
         if isinstance(positions, int):
@@ -533,6 +564,7 @@ class NativeBlock:
             pos = positions.data_ptr()
         if x.shape[0] % batch or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B*T, {self.dim}) for B={batch} cache rows, got {tuple(x.shape)}")
+        code = 0 if k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32 else kv_dtype_code(k_cache, v_cache)
         rc = lib.bitnet_block_forward(ctypes.byref(self._struct), x.data_ptr(), batch, x.shape[0] // batch,
-                                      k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos, -1)
+                                      k_cache.data_ptr(), v_cache.data_ptr(), code, k_cache.shape[2], pos, -1)
         _check_rc(rc, "block_forward (a position beyond the cache or rotary table?)")

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's max_seq_len)")
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "float16"],
+                   help="what the KV caches store (default: the model's dtype, float32 on the CPU); float16 halves "
+                        "the cache bytes each decode step reads (keys/values rounded when written, math in float32)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request body accepted; larger ones get HTTP 413 (default 16 MiB)")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from .server import default_model_name, load_engine, uvicorn_config
 
     engine = load_engine(args.model, slots=args.slots, max_queue=args.max_queue, context=args.context,
-                         device=args.device, pack=args.pack)
+                         device=args.device, pack=args.pack, kv_dtype=args.kv_dtype)
     name = default_model_name(args.model)
     app = create_app(engine, args.model_name or name, aliases=(name,),
                      max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)

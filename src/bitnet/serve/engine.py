@@ -153,6 +153,8 @@ class Engine:
         slots: sequences decoded together (rows of the batch KV cache).
         max_queue: requests that may wait for a slot; more raise :class:`QueueFullError`.
         context: tokens per sequence, prompt + output (default and maximum: ``model.max_seq_len``).
+        kv_dtype: what the KV caches store (see :class:`bitnet.generate.Decoder`): None (the model's dtype),
+            ``"float32"`` or ``"float16"`` (half the cache bytes per step; rounded when written).
         stall_timeout: seconds without progress, while requests wait or run, after which
             :meth:`health` reports the engine as stuck (default 120: a long prefill of a big model on a
             slow CPU must not count as stuck).
@@ -162,7 +164,7 @@ class Engine:
     MAX_LOOP_FAILURES = 3
 
     def __init__(self, model: nn.Module, tokenizer, slots: int = 8, max_queue: int = 64,
-                 context: int | None = None, stall_timeout: float = 120.0):
+                 context: int | None = None, stall_timeout: float = 120.0, kv_dtype=None):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -177,8 +179,10 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots, self.max_queue, self.context = slots, max_queue, context
-        self.decoder = Decoder(self.model, rows=slots, max_len=context)   # the caches, prefill/step, threads
+        # the caches, prefill/step, threads
+        self.decoder = Decoder(self.model, rows=slots, max_len=context, kv_dtype=kv_dtype)
         self.device = self.decoder.device
+        self.kv_dtype = str(self.decoder.caches[0].k.dtype).removeprefix("torch.")   # what the caches store
         self._active: list[_Active | None] = [None] * slots
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -247,7 +251,7 @@ class Engine:
                 "waiting": len(self._waiting), "max_queue": self.max_queue, "context": self.context,
                 "steps": self.steps, "prefills": self.prefills, "decoded_rows": self.decoded_rows,
                 "max_batch_seen": self.max_batch_seen, "finished": self.finished, "cancelled": self.cancelled,
-                "failed": self.failed}
+                "failed": self.failed, "kv_dtype": self.kv_dtype}
 
     @property
     def dead(self) -> bool:

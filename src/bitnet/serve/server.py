@@ -12,14 +12,14 @@ from .protocol import DEFAULT_HEADER_TIMEOUT, header_timeout_protocol
 
 
 def load_engine(model_path, *, slots: int = 8, max_queue: int = 64, context: int | None = None,
-                device=None, pack: bool | None = None) -> Engine:
+                device=None, pack: bool | None = None, kv_dtype=None) -> Engine:
     """An :class:`Engine` (not started) around the model at ``model_path`` (anything :func:`bitnet.load`
     accepts; packed on the CPU unless ``pack=False``) and its tokenizer, which carries the chat template
-    and stop ids."""
+    and stop ids. ``kv_dtype``: what the KV caches store (see :class:`Engine`)."""
     from ..generate import BitNetInference
 
     inf = BitNetInference(device=device, pack=pack).load_model(model_path)
-    return Engine(inf.model, inf.tokenizer, slots=slots, max_queue=max_queue, context=context)
+    return Engine(inf.model, inf.tokenizer, slots=slots, max_queue=max_queue, context=context, kv_dtype=kv_dtype)
 
 
 def default_model_name(model_path) -> str:

@@ -176,8 +176,8 @@ struct SideWork {
 };
 
 // Adds to the C' tiles of NA x 16 weight rows and NB x 16 tokens the products over `steps` k steps
-// (codes: one chunk, see Unpack; xv_k: the activations of the chunk's first step for the first
-// token group of 16; the next group follows at 16 * ldx). The accumulators start from zero (zero),
+// (codes: one chunk, see Unpack; xv_k: the activations of the chunk's first step for a block of 32
+// tokens, kernels.h: step s of its two groups of 16 at 2048 s and 2048 s + 1024). The accumulators start from zero (zero),
 // from c (otherwise); they are written back to c (A-tile i, B-tile j at 256 (2i + j) int32) when
 // `store`, else they stay in the tile registers for the next chunk. Each step also runs a share of
 // `side` (its work touches no tile register).
@@ -195,12 +195,11 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
     if (NA > 1) _tile_loadd(2, c + 512, 64);
     if (NA > 1 && NB > 1) _tile_loadd(3, c + 768, 64);
   }
-  const int64_t group = 16 * ldx;
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, codes + 2048 * s, 64);
     if (NA > 1) _tile_loadd(5, codes + 2048 * s + 1024, 64);
-    _tile_loadd(6, xv_k + 1024 * s, 64);
-    if (NB > 1) _tile_loadd(7, xv_k + group + 1024 * s, 64);
+    _tile_loadd(6, xv_k + 2048 * s, 64);
+    if (NB > 1) _tile_loadd(7, xv_k + 2048 * s + 1024, 64);
     _tile_dpbusd(0, 4, 6);
     if (NB > 1) _tile_dpbusd(1, 4, 7);
     if (NA > 1) _tile_dpbusd(2, 5, 6);
@@ -225,7 +224,7 @@ void chunk_rows(const GemmArgs& a, const int8_t* xv, int64_t m0, int64_t m1, int
   const int64_t steps = 4 * (p1 - p0);
   side.plan(steps * ((m1 - m0 + 31) / 32));
   for (int64_t m = m0; m < m1; m += 32) {
-    const int8_t* xv_k = xv + (m / 16) * 16 * a.ldx + 1024 * 4 * p0;
+    const int8_t* xv_k = xv + (m / 32) * 32 * a.ldx + 2048 * 4 * p0;  // m: a multiple of 32
     int32_t* cm = c + 1024 * ((m - m0) / 32);
     const bool load = !first && !one, store = last || !one;
     if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, steps, first, load, store, cm, side);
@@ -236,7 +235,7 @@ void chunk_rows(const GemmArgs& a, const int8_t* xv, int64_t m0, int64_t m1, int
 // Token group g (tokens 16g .. 16g + 15 of x (M, ldx)) in the VNNI layout of kernels.h: 16 x 16 dword
 // transposes (rows = tokens, columns = 4-byte k groups); tokens past M are zero.
 void pack_group_amx(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* xv) {
-  int8_t* dst = xv + g * 16 * ldx;
+  int8_t* dst = xv + (g / 2) * 32 * ldx + 1024 * (g % 2);
   for (int64_t c = 0; c < ldx / 64; ++c) {
     __m512i r[16];
     for (int j = 0; j < 16; ++j) {
@@ -244,7 +243,7 @@ void pack_group_amx(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* 
       r[j] = m < M ? _mm512_loadu_si512((const void*)(x + m * ldx + 64 * c)) : _mm512_setzero_si512();
     }
     transpose16(r);  // r[q]: k group 16c + q of the 16 tokens
-    for (int q = 0; q < 16; ++q) _mm512_storeu_si512((void*)(dst + 64 * (16 * c + q)), r[q]);
+    for (int q = 0; q < 16; ++q) _mm512_storeu_si512((void*)(dst + 2048 * c + 64 * q), r[q]);
   }
 }
 

@@ -123,8 +123,8 @@ void apply_epilogue(const Epilogue& e, int32_t* out, int64_t ldo, int64_t m0, in
 // x (M, ldx) of xb in the panel kernel's VNNI layout (kernels.h), once per quantised input.
 void build_xv(const Kernel& k, XBuf& xb, int64_t M) {
   if (xb.xv_ready) return;
-  const int64_t groups = (M + 15) / 16;  // the layout holds pairs of groups (kernels.h)
-  if ((int64_t)xb.xv.size() < round_up(groups, 2) * 16 * xb.ldx) xb.xv.resize((size_t)(round_up(groups, 2) * 16 * xb.ldx));
+  const int64_t groups = (M + 15) / 16;
+  if ((int64_t)xb.xv.size() < groups * 16 * xb.ldx) xb.xv.resize((size_t)(groups * 16 * xb.ldx));
   parallel_for(groups, [&](int64_t g) { k.panel_pack(xb.x.data(), xb.ldx, M, g, xb.xv.data()); });
   xb.xv_ready = true;
 }

@@ -39,62 +39,39 @@ namespace {
 // (TileConfig, TileScope: our tile configuration for one call, the thread's previous one back after;
 // transpose16: see amx_tiles.h.)
 
-// Pairs of I2 blocks per chunk: the chunk's codes (32 rows x 4 steps x 64 per pair = 8 KB per pair)
-// are unpacked into L1 and used at once by every 32-token block of the task. Unpacking a whole panel
-// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 2 pairs
-// (16 KB, + 16 KB of accumulators) measured 1.2-1.3x faster than 1 or 3, 4 pairs overflow L1.
-constexpr int64_t kPairsPerChunk = 2;
-
 // Unpacks pairs of I2 blocks [p0, p1) of weight rows [n0, n0 + rows) (rows <= 32) into tile-major
 // codes: for local k step s (64 values of the pair-interleaved k order; pair p gives steps
 // 4 (p - p0) .. + 3 by shifts 0, 2, 4, 6) and tile i (rows 16i .. 16i + 15), the 16 x 64 codes are the
 // 1 KB at codes + 1024 (2s + i), so that every tile load reads one contiguous KB. Rows past `rows`
 // are zero (their outputs are discarded).
-//
-// The work is (pair, row) items that the caller runs a few at a time (some) between the tile products
-// of the previous chunk: the vector units unpack while the tile unit multiplies (they run side by side
-// out of order), instead of the tile unit waiting for every chunk's unpack and its weight loads.
-struct Unpack {
-  const GemmArgs* a = nullptr;
-  int64_t n0 = 0, p0 = 0, npair = 0;
-  int rows = 0, nrows = 0;
-  uint8_t* codes = nullptr;
-  int64_t next = 0, total = 0;  // items done, items of the chunk: (p1 - p0) x nrows
-
-  void start(const GemmArgs& args, int64_t n, int r, int64_t p_begin, int64_t p_end, uint8_t* dst) {
-    a = &args; n0 = n; rows = r; nrows = r > 16 ? 32 : 16; p0 = p_begin; codes = dst;
-    npair = args.nblk / 2;  // full pairs; an odd last block is pair npair
-    next = 0;
-    total = (p_end - p_begin) * nrows;
-  }
-  inline void some(int64_t count) {
-    for (const int64_t e = std::min(total, next + count); next < e; ++next) item(next);
-  }
-  void rest() { some(total); }
-
-  inline void item(int64_t i) {
-    const int64_t p = p0 + i / nrows;
-    const int r = (int)(i % nrows);
-    uint8_t* d = codes + 2048 * 4 * (p - p0) + 1024 * (r / 16) + 64 * (r % 16);
-    if (r >= rows) {
-      for (int q = 0; q < 4; ++q) _mm512_storeu_si512((void*)(d + 2048 * q), _mm512_setzero_si512());
-      return;
+void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p1, uint8_t* codes) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const int64_t npair = a.nblk / 2;  // full pairs; an odd last block is pair npair
+  const int nrows = rows > 16 ? 32 : 16;
+  for (int64_t p = p0; p < p1; ++p) {
+    uint8_t* d0 = codes + 2048 * 4 * (p - p0);
+    for (int r = 0; r < nrows; ++r) {
+      uint8_t* d = d0 + 1024 * (r / 16) + 64 * (r % 16);
+      if (r >= rows) {
+        for (int q = 0; q < 4; ++q) _mm512_storeu_si512((void*)(d + 2048 * q), _mm512_setzero_si512());
+        continue;
+      }
+      const uint8_t* src = a.w + (n0 + r) * a.ldw + 64 * p;
+      // 32 interleaved row streams defeat the hardware prefetcher: ask for this row's line of the next
+      // chunk (kPairsPerChunk = 2 pairs of 64 bytes on; past the row's end, the next row's first line),
+      // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
+      // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
+      _mm_prefetch((const char*)(src + 64 * 2), _MM_HINT_T0);
+      // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
+      const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
+                                   : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
+      _mm512_storeu_si512((void*)(d), _mm512_and_si512(wv, m3));
+      _mm512_storeu_si512((void*)(d + 2048), _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3));
+      _mm512_storeu_si512((void*)(d + 4096), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3));
+      _mm512_storeu_si512((void*)(d + 6144), _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3));
     }
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const uint8_t* src = a->w + (n0 + r) * a->ldw + 64 * p;
-    // 32 interleaved row streams defeat the hardware prefetcher: ask for the same row's line of the
-    // chunk after this one (past the row's end: the next row's first line, the next panel's first chunk
-    // for the panel's last rows), so that its load, one chunk later, does not wait for memory.
-    _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
-    // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
-    const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
-                                 : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
-    _mm512_store_si512((void*)(d), _mm512_and_si512(wv, m3));
-    _mm512_store_si512((void*)(d + 2048), _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3));
-    _mm512_store_si512((void*)(d + 4096), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3));
-    _mm512_store_si512((void*)(d + 6144), _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3));
   }
-};
+}
 
 // Writes the 16x16 int32 tile c (row i = weight row n0 + i, column j = token m0 + j) to out[m, n]
 // for m < m0 + mrows, n < n0 + nrows, minus xsum, through the float epilogue when e.x_scale is set.
@@ -121,69 +98,14 @@ void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int
   }
 }
 
-// The epilogue of one finished panel (its accumulators c, kPanelMaxM / 32 blocks of 1024 int32: A-tile
-// i, B-tile j of block b at 1024 b + 256 (2i + j)), one output tile (store_tile) at a time, run like
-// Unpack between the tile products of the next panel.
-struct PanelStore {
-  const GemmArgs* a = nullptr;
-  const PanelEpilogue* e = nullptr;
-  const int32_t* c = nullptr;
-  int64_t m0 = 0, m1 = 0, n0 = 0, n1 = 0;
-  int na = 1;
-  int64_t next = 0, total = 0;  // tiles done, tiles: blocks x na x 2
-
-  void start(const GemmArgs& args, const PanelEpilogue& epi, const int32_t* acc, int64_t mb, int64_t me,
-             int64_t nb, int64_t ne) {
-    a = &args; e = &epi; c = acc; m0 = mb; m1 = me; n0 = nb; n1 = ne;
-    na = ne - nb > 16 ? 2 : 1;
-    next = 0;
-    total = (me - mb + 31) / 32 * na * 2;
-  }
-  inline void some(int64_t count) {
-    for (const int64_t end = std::min(total, next + count); next < end; ++next) tile(next);
-  }
-  void rest() { some(total); }
-
-  void tile(int64_t t) {
-    const int64_t b = t / (2 * na);
-    const int i = (int)((t / 2) % na), j = (int)(t % 2);
-    const int64_t mt = m0 + 32 * b + 16 * j, n = n0 + 16 * i;
-    if (mt >= m1) return;  // the block's second token tile is past M
-    store_tile(*a, *e, c + 1024 * b + 256 * (2 * i + j), mt, (int)std::min<int64_t>(16, m1 - mt), n,
-               (int)std::min<int64_t>(16, n1 - n));
-  }
-};
-
-// What the vector units do while the tile unit works through one chunk: the next chunk's unpack and
-// the previous panel's epilogue, `unpack` items and `store` tiles per k step.
-struct SideWork {
-  Unpack unpack;
-  PanelStore store;
-  int64_t unpack_per_step = 0, store_per_step = 0;
-
-  void plan(int64_t steps) {
-    unpack_per_step = (unpack.total - unpack.next + steps - 1) / steps;
-    store_per_step = (store.total - store.next + steps - 1) / steps;
-  }
-  inline void step() {
-    store.some(store_per_step);
-    unpack.some(unpack_per_step);
-  }
-  void rest() {
-    store.rest();
-    unpack.rest();
-  }
-};
-
 // Adds to the C' tiles of NA x 16 weight rows and NB x 16 tokens the products over `steps` k steps
-// (codes: one chunk, see Unpack; xv_k: the activations of the chunk's first step for a block of 32
-// tokens, kernels.h: step s of its two groups of 16 at 2048 s and 2048 s + 1024). The accumulators start from zero (zero),
+// (codes: one chunk, see unpack_pairs; xv_k: the activations of the chunk's first step for the first
+// token group of 16; the next group follows at 16 * ldx). The accumulators start from zero (zero),
 // from c (otherwise); they are written back to c (A-tile i, B-tile j at 256 (2i + j) int32) when
-// `store`, else they stay in the tile registers for the next chunk. Each step also runs a share of
-// `side` (its work touches no tile register).
+// `store`, else they stay in the tile registers for the next chunk.
 template <int NA, int NB>
 void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t steps, bool zero, bool load,
-                bool store, int32_t* c, SideWork& side) {
+                bool store, int32_t* c) {
   if (zero) {
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
@@ -195,16 +117,16 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
     if (NA > 1) _tile_loadd(2, c + 512, 64);
     if (NA > 1 && NB > 1) _tile_loadd(3, c + 768, 64);
   }
+  const int64_t group = 16 * ldx;
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, codes + 2048 * s, 64);
     if (NA > 1) _tile_loadd(5, codes + 2048 * s + 1024, 64);
-    _tile_loadd(6, xv_k + 2048 * s, 64);
-    if (NB > 1) _tile_loadd(7, xv_k + 2048 * s + 1024, 64);
+    _tile_loadd(6, xv_k + 1024 * s, 64);
+    if (NB > 1) _tile_loadd(7, xv_k + group + 1024 * s, 64);
     _tile_dpbusd(0, 4, 6);
     if (NB > 1) _tile_dpbusd(1, 4, 7);
     if (NA > 1) _tile_dpbusd(2, 5, 6);
     if (NA > 1 && NB > 1) _tile_dpbusd(3, 5, 7);
-    side.step();
   }
   if (store) {
     _tile_stored(0, c, 64);
@@ -214,28 +136,48 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
   }
 }
 
-// One chunk (pairs [p0, p1), codes unpacked) of one panel of NA x 16 weight rows for tokens [m0, m1)
-// (<= kPanelMaxM): every 32-token block's tile products; c: the panel's accumulators (one block: they
-// stay in the tile registers between chunks).
+// Pairs of I2 blocks per chunk: the chunk's codes (32 rows x 4 steps x 64 per pair = 8 KB per pair)
+// are unpacked into L1 and used at once by every 32-token block of the task. Unpacking a whole panel
+// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 2 pairs
+// (16 KB, + 16 KB of accumulators) measured 1.2-1.3x faster than 1 or 3, 4 pairs overflow L1.
+constexpr int64_t kPairsPerChunk = 2;
+
+// Tokens [m0, m1) (<= kPanelMaxM) x one panel of <= 32 weight rows [n0, n1); c: kPanelMaxM / 32
+// blocks of 1024 int32 accumulators (one block: they stay in the tile registers between chunks).
 template <int NA>
-void chunk_rows(const GemmArgs& a, const int8_t* xv, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
-                bool first, bool last, const uint8_t* codes, int32_t* c, SideWork& side) {
+void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int64_t m0, int64_t m1,
+                int64_t n0, int64_t n1, uint8_t* codes, int32_t* c) {
+  const int64_t npairs = a.ldx / 256;  // ldx = 256 (full pairs + an odd last block)
   const bool one = m1 - m0 <= 32;
-  const int64_t steps = 4 * (p1 - p0);
-  side.plan(steps * ((m1 - m0 + 31) / 32));
+  for (int64_t p0 = 0; p0 < npairs; p0 += kPairsPerChunk) {
+    const int64_t p1 = std::min(npairs, p0 + kPairsPerChunk);
+    unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, codes);
+    const bool first = p0 == 0, last = p1 == npairs;
+    for (int64_t m = m0; m < m1; m += 32) {
+      const int8_t* xv_k = xv + (m / 16) * 16 * a.ldx + 1024 * 4 * p0;
+      int32_t* cm = c + 1024 * ((m - m0) / 32);
+      const bool load = !first && !one, store = last || !one;
+      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm);
+      else tile_steps<NA, 1>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm);
+    }
+  }
   for (int64_t m = m0; m < m1; m += 32) {
-    const int8_t* xv_k = xv + (m / 32) * 32 * a.ldx + 2048 * 4 * p0;  // m: a multiple of 32
-    int32_t* cm = c + 1024 * ((m - m0) / 32);
-    const bool load = !first && !one, store = last || !one;
-    if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, steps, first, load, store, cm, side);
-    else tile_steps<NA, 1>(codes, a.ldx, xv_k, steps, first, load, store, cm, side);
+    const int32_t* cm = c + 1024 * ((m - m0) / 32);
+    for (int i = 0; i < NA; ++i) {
+      const int64_t n = n0 + 16 * i;
+      const int nrows = (int)std::min<int64_t>(16, n1 - n);
+      for (int j = 0; j < 2 && m + 16 * j < m1; ++j) {
+        const int64_t mt = m + 16 * j;
+        store_tile(a, e, cm + 512 * i + 256 * j, mt, (int)std::min<int64_t>(16, m1 - mt), n, nrows);
+      }
+    }
   }
 }
 
 // Token group g (tokens 16g .. 16g + 15 of x (M, ldx)) in the VNNI layout of kernels.h: 16 x 16 dword
 // transposes (rows = tokens, columns = 4-byte k groups); tokens past M are zero.
 void pack_group_amx(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* xv) {
-  int8_t* dst = xv + (g / 2) * 32 * ldx + 1024 * (g % 2);
+  int8_t* dst = xv + g * 16 * ldx;
   for (int64_t c = 0; c < ldx / 64; ++c) {
     __m512i r[16];
     for (int j = 0; j < 16; ++j) {
@@ -243,42 +185,20 @@ void pack_group_amx(const int8_t* x, int64_t ldx, int64_t M, int64_t g, int8_t* 
       r[j] = m < M ? _mm512_loadu_si512((const void*)(x + m * ldx + 64 * c)) : _mm512_setzero_si512();
     }
     transpose16(r);  // r[q]: k group 16c + q of the 16 tokens
-    for (int q = 0; q < 16; ++q) _mm512_storeu_si512((void*)(dst + 2048 * c + 64 * q), r[q]);
+    for (int q = 0; q < 16; ++q) _mm512_storeu_si512((void*)(dst + 64 * (16 * c + q)), r[q]);
   }
 }
 
-// Tokens [m0, m1) x weight rows [n0, n1), in panels of 32 rows x chunks of kPairsPerChunk pairs. The
-// chunks run as one pipeline: while the tile unit multiplies chunk j (codes[j % 2]), the vector units
-// unpack chunk j + 1 (codes[(j + 1) % 2]) and write out the previous panel's outputs (its accumulators
-// in c[(panel - 1) % 2]).
 void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int64_t m0, int64_t m1,
                int64_t n0, int64_t n1) {
-  alignas(64) uint8_t codes[2][2048 * 4 * kPairsPerChunk];
-  alignas(64) int32_t c[2][1024 * (kPanelMaxM / 32)];
-  const int64_t npairs = a.ldx / 256;  // ldx = 256 (full pairs + an odd last block)
-  const int64_t nchunks = (npairs + kPairsPerChunk - 1) / kPairsPerChunk;
-  const int64_t jobs = (n1 - n0 + 31) / 32 * nchunks;
-  SideWork side;
-  auto unpack_job = [&](int64_t j) {
-    const int64_t n = n0 + 32 * (j / nchunks), p0 = kPairsPerChunk * (j % nchunks);
-    side.unpack.start(a, n, (int)std::min<int64_t>(32, n1 - n), p0, std::min(npairs, p0 + kPairsPerChunk),
-                      codes[j % 2]);
-  };
+  alignas(64) uint8_t codes[2048 * 4 * kPairsPerChunk];
+  alignas(64) int32_t c[1024 * (kPanelMaxM / 32)];
   TileScope tiles;
-  unpack_job(0);
-  side.unpack.rest();
-  for (int64_t j = 0; j < jobs; ++j) {
-    const int64_t panel = j / nchunks, chunk = j % nchunks;
-    const int64_t n = n0 + 32 * panel, n_end = std::min(n1, n + 32);
-    const int64_t p0 = kPairsPerChunk * chunk, p1 = std::min(npairs, p0 + kPairsPerChunk);
-    if (j + 1 < jobs) unpack_job(j + 1);
-    int32_t* cp = c[panel % 2];
-    if (n_end - n > 16) chunk_rows<2>(a, xv, m0, m1, p0, p1, chunk == 0, chunk == nchunks - 1, codes[j % 2], cp, side);
-    else chunk_rows<1>(a, xv, m0, m1, p0, p1, chunk == 0, chunk == nchunks - 1, codes[j % 2], cp, side);
-    side.rest();
-    if (chunk == nchunks - 1) side.store.start(a, e, cp, m0, m1, n, n_end);  // written during the next panel
+  for (int64_t n = n0; n < n1; n += 32) {
+    const int64_t n_end = std::min(n1, n + 32);
+    if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c);
+    else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c);
   }
-  side.store.rest();
 }
 
 // TDPBUSD into 4 independent accumulator tiles from 2 + 2 operand tiles that stay loaded:

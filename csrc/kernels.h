@@ -30,12 +30,9 @@ typedef float (*absmax_fn)(const float* x, int64_t K);
 typedef void (*quant_fn)(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
 
 // Prefill-sized GEMM on a matrix unit (AMX): the driver builds, once per call, the activations in the
-// "VNNI" layout: blocks of 32 tokens (b = m / 32), each of two groups of 16 (h = (m / 16) % 2); for
-// each 64-value k step t of the kernel layout, the two groups' 1 KB tiles side by side, 16 rows (the
-// 4-byte k groups g = 16 t + r) x 16 tokens x 4 values:
-//   xv[32 ldx b + 2048 t + 1024 h + 64 r + 4 (m % 16) + i] = x[m * ldx + 64 t + 4 r + i]
-// so that a block's two B tiles of a step, and its steps, follow each other in memory (one stream).
-// Zero for the padding tokens of the last group; the second group of an odd last block is never read.
+// "VNNI" layout: for each group of 16 tokens (m / 16), for each 4-byte k group g of the kernel layout,
+// 64 bytes = 16 tokens x 4 values:  xv[(m / 16) * 16 * ldx + 64 g + 4 (m % 16) + i] = x[m * ldx + 4 g + i]
+// (zero for the padding tokens up to a multiple of 16).
 struct PanelEpilogue {
   const float* x_scale;  // (M,): float output y = acc * w_scale / x_scale[m] (+ bias[n]); null: int32
   float w_scale;

@@ -3,11 +3,14 @@
 // functions: bitnet_bitlinear_multi (norm + quantise once + several matrices; bitnet_tq1_bitlinear_multi for
 // a set of TQ1 weights), bitnet_attention_step
 // (rotary, KV cache, attention) and bitnet_prefetch_async (next weights into cache meanwhile).
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "bitnet_native.h"
+#include "native_services.h"
 #include "tq1_native.h"
 
 namespace {
@@ -40,15 +43,77 @@ void prefetch(const bitnet_linear_set& s) {
 enum Activation { kSilu = 0, kGelu = 1, kRelu2 = 2, kActivationCount };
 const char* const kActivationNames[kActivationCount] = {"silu", "gelu", "relu2"};
 
+// The float loops of the block get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux).
+// -ffp-contract=off and no fast-math: every clone does the same IEEE operations in the same order, so
+// the results are bit for bit those of the baseline loop on every ISA and at every batch size.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BITNET_FLOAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BITNET_FLOAT_CLONES
+#endif
+
+// e^x for any float x, branch free so that the activation loops vectorise: x = n ln2 + r with
+// n = round(x / ln2) and |r| <= ln2 / 2 (two-constant Cody-Waite), e^r by a degree-7 Taylor polynomial
+// (relative error ~2e-7, a few ulp), 2^n from the exponent bits. x > 88.7 gives inf, x < -87.3 gives
+// 0 (no denormals), NaN stays NaN: the limits of expf where SiLU uses them.
+inline float exp_any(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float magic = 12582912.0f;                 // 1.5 * 2^23: t - magic = round(xc / ln2)
+  const float t = xc * 1.44269504f + magic;
+  const float n = t - magic;
+  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  // 2^n as two factors 2^(n - n/2) * 2^(n/2) (each exponent in range for n in [-126, 128])
+  const int32_t ni = ti - 0x4B400000, nh = ni / 2;
+  const int32_t b1 = (ni - nh + 127) << 23, b2 = (nh + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, 4);
+  std::memcpy(&s2, &b2, 4);
+  float y = (p * s1) * s2;
+  y = x > 88.7f ? INFINITY : y;
+  y = x < -87.3f ? 0.0f : y;
+  return x != x ? x : y;
+}
+
 // act(g) in float32 in the operation order of torch's CPU kernels (F.silu: x / (1 + exp(-x));
-// F.gelu: x * 0.5 * (1 + erf(x / sqrt 2)); relu2: relu(x)^2). exp and erf come from libm here and
-// from torch's vectorised approximations there: they differ in the last bit for some inputs.
-inline float activate(int kind, float v) {
+// F.gelu: x * 0.5 * (1 + erf(x / sqrt 2)); relu2: relu(x)^2). exp is exp_any here (erf: libm) and
+// torch's vectorised approximation there: they differ in the last bits for some inputs.
+inline float silu(float v) { return v / (1.0f + exp_any(-v)); }
+inline float gelu(float v) { return v * 0.5f * (1.0f + std::erf(v * 0.70710678118654752f)); }
+inline float relu2(float v) { const float r = v > 0.0f ? v : 0.0f; return r * r; }
+
+// h[j] = act(g[j]) (* up[j] when up is set), j < F: one loop per activation so that each vectorises.
+BITNET_FLOAT_CLONES void activate_row(int kind, const float* g, const float* up, int64_t F, float* h) {
   switch (kind) {
-    case kSilu: return v / (1.0f + std::exp(-v));
-    case kGelu: return v * 0.5f * (1.0f + std::erf(v * 0.70710678118654752f));
-    default: { const float r = v > 0.0f ? v : 0.0f; return r * r; }
+    case kSilu:
+      if (up) for (int64_t j = 0; j < F; ++j) h[j] = silu(g[j]) * up[j];
+      else for (int64_t j = 0; j < F; ++j) h[j] = silu(g[j]);
+      break;
+    case kGelu:
+      if (up) for (int64_t j = 0; j < F; ++j) h[j] = gelu(g[j]) * up[j];
+      else for (int64_t j = 0; j < F; ++j) h[j] = gelu(g[j]);
+      break;
+    default:
+      if (up) for (int64_t j = 0; j < F; ++j) h[j] = relu2(g[j]) * up[j];
+      else for (int64_t j = 0; j < F; ++j) h[j] = relu2(g[j]);
   }
+}
+
+// From this many tokens on, the activation rows are spread over the thread pool.
+constexpr int64_t kParallelActivationRows = 16;
+
+// x[i] += y[i], i < n (the residual adds)
+BITNET_FLOAT_CLONES void add_into(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
 struct Scratch {
@@ -91,21 +156,24 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
                                   b.table_len, k_cache, v_cache, kv_dtype, max_len, pos, s.attn.data())))
     return rc;
   if ((rc = run_set(b.o, s.attn.data(), M, b.bits, b.act_eps, b.sub_norm, b.sub_norm_eps, s.y.data(), isa))) return rc;
-  for (int64_t i = 0; i < M * D; ++i) x[i] += s.y[(size_t)i];
+  add_into(x, s.y.data(), M * D);
   // feed-forward: x += down(post_norm(act(gate(h)) * up(h))), h = ffn_norm(x)
   if ((rc = run_set(b.gate_up, x, M, b.bits, b.act_eps, b.ffn_norm, b.ffn_norm_eps, s.gu.data(), isa))) return rc;
   prefetch(b.down);
   const int64_t ldgu = F * (b.gated ? 2 : 1);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = s.gu.data() + m * ldgu;
-    float* h = s.h.data() + m * F;
-    if (b.gated)
-      for (int64_t j = 0; j < F; ++j) h[j] = activate(b.activation, g[j]) * g[F + j];
-    else
-      for (int64_t j = 0; j < F; ++j) h[j] = activate(b.activation, g[j]);
-  }
+  // Prefill-sized M: rows over the pool (which cancels the prefetch of `down`: the tiled GEMM that
+  // follows is compute bound). Decode: on this thread, while the prefetch streams `down` into cache.
+  const int64_t rows_per_task = M >= kParallelActivationRows ? std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)) : M;
+  const float* gu = s.gu.data();  // s is thread_local: the pool's workers must not name it
+  float* h = s.h.data();
+  bitnet::native_parallel_for((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
+    for (int64_t m = t * rows_per_task; m < std::min(M, (t + 1) * rows_per_task); ++m) {
+      const float* g = gu + m * ldgu;
+      activate_row(b.activation, g, b.gated ? g + F : nullptr, F, h + m * F);
+    }
+  });
   if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
     return rc;
-  for (int64_t i = 0; i < M * D; ++i) x[i] += s.y[(size_t)i];
+  add_into(x, s.y.data(), M * D);
   return BITNET_OK;
 }

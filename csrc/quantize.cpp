@@ -12,6 +12,15 @@
 namespace bitnet {
 namespace {
 
+// The float loops here get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux);
+// -ffp-contract=off and no fast-math: each clone does the same IEEE operations in the same order as
+// the baseline, so scales, codes and norms are bit for bit the same on every ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BITNET_QUANT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BITNET_QUANT_CLONES
+#endif
+
 // s = (1 / max(amax, eps)) * Qp in float32, exactly as torch evaluates `qp / amax.clamp(min=eps)`
 // (Tensor.__rtruediv__ is reciprocal() * other).
 float act_scale(float amax, float eps, int qp) {
@@ -22,7 +31,7 @@ float act_scale(float amax, float eps, int qp) {
 
 // sum_k x[k]^2 in float64 (each square is exact), in 8 interleaved partial sums added pairwise: a fixed
 // order (the same result on every ISA and thread count) without one long chain of dependent adds.
-double sum_squares(const float* x, int64_t K) {
+BITNET_QUANT_CLONES double sum_squares(const float* x, int64_t K) {
   double acc[8] = {};
   int64_t i = 0;
   for (; i + 8 <= K; i += 8)
@@ -34,7 +43,7 @@ double sum_squares(const float* x, int64_t K) {
 // Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
 // so this is the check that keeps a non-finite row from being quantised as if it were finite: an
 // integer OR-reduction over a row the absmax has just read (in L1), vectorised by the compiler.
-bool row_nonfinite(const float* x, int64_t K) {
+BITNET_QUANT_CLONES bool row_nonfinite(const float* x, int64_t K) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < K; ++i) {
     uint32_t u;
@@ -42,6 +51,11 @@ bool row_nonfinite(const float* x, int64_t K) {
     bad |= (u & 0x7f800000u) == 0x7f800000u;
   }
   return bad != 0;
+}
+
+// y[i] = (x[i] * r) * w[i]: RMSNorm's scaling of one row by its factor r and the norm weight
+BITNET_QUANT_CLONES void scale_row(const float* x, float r, const float* w, int64_t K, float* y) {
+  for (int64_t i = 0; i < K; ++i) y[i] = (x[i] * r) * w[i];
 }
 
 // Scale of a non-finite row, as bitnet.quant.activation_quant_int8 computes it: Qp / max|x| is NaN
@@ -71,7 +85,7 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
       const float* xr = x + m * ldx;
       if (norm_weight) {
         const float r = native_rms_factor(xr, K, norm_eps);
-        for (int64_t i = 0; i < K; ++i) normed[(size_t)i] = (xr[i] * r) * norm_weight[i];
+        scale_row(xr, r, norm_weight, K, normed.data());
         xr = normed.data();
       }
       int8_t* dst = xb.x.data() + m * xb.ldx;

@@ -289,6 +289,28 @@ def test_uncached_forward_equals_cached_prefill_and_module_path(isa):
     assert_step_parity(fused[:, 0], ref[:, 0])            # position 0: no earlier key to carry a move
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gate_at_extreme_values_and_a_prefill_over_the_pool(isa, activation):
+    """The native gate (a vectorised exp for silu) where its inputs reach +-1e3 and beyond (exp over- and
+    underflows: silu(-v) -> -0, silu(v) -> v), in a 40-token prefill whose activation rows run on the
+    thread pool (2 threads): the same as the module path, finite."""
+    m = packed_model(activation=activation)
+    for block in m.layers:
+        block.ffn.gate.w_scale.mul_(3e3)
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    threads = native.get_num_threads()
+    native.set_num_threads(2)
+    try:
+        with torch.no_grad(), Paths(m) as paths:
+            fused, ref = paths.both(lambda: m(tokens, caches=m.new_caches(1, 40), start_pos=0))
+            one = paths.fused(lambda: m(tokens[:, :1], caches=m.new_caches(1, 1), start_pos=0))
+    finally:
+        native.set_num_threads(threads)
+    assert torch.isfinite(fused).all() and torch.isfinite(ref).all()
+    assert_close_forward(fused, ref)
+    assert torch.equal(one[:, 0], fused[:, 0])         # the first row alone, on this thread: bit for bit
+
+
 # ------------------------------------------------------------------------------------------------
 # Float16 KV caches: the native blocks read and write them in place, as the module path's KVCache does
 

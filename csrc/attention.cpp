@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bitnet_native.h"
+#include "float_clones.h"
 #include "native_services.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -33,12 +34,6 @@ void rope(float* x, int64_t hd, const float* c, const float* s) {
   }
 }
 
-// The loops that carry the work get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BITNET_BLOCK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BITNET_BLOCK_CLONES
-#endif
 
 // e^x for x <= 0 (scores minus their row maximum): x = n ln2 + r, |r| <= ln2 / 2 (two-constant
 // Cody-Waite), e^r by its degree-6 Taylor polynomial (relative error ~1e-7), 2^n from the exponent
@@ -342,11 +337,11 @@ __attribute__((always_inline)) inline void attend_one_body(const float* q, const
   for (; d < hd; ++d) weighted_values<1>(w, vc, n, hd, d, inv, out);
 }
 
-BITNET_BLOCK_CLONES void attend_one_f32(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
+BITNET_FLOAT_CLONES void attend_one_f32(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
                                         float scale, float* w, float* out) {
   attend_one_body(q, kc, vc, n, hd, scale, w, out);
 }
-BITNET_BLOCK_CLONES void attend_one_f16(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd,
+BITNET_FLOAT_CLONES void attend_one_f16(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd,
                                         float scale, float* w, float* out) {
   attend_one_body(q, kc, vc, n, hd, scale, w, out);
 }
@@ -468,12 +463,12 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
 }
 
 
-BITNET_BLOCK_CLONES void attend_block_f32(const float* const* q, int nq, const int64_t* last, const float* kc,
+BITNET_FLOAT_CLONES void attend_block_f32(const float* const* q, int nq, const int64_t* last, const float* kc,
                                           const float* vc, int64_t hd, float scale, float* const* out,
                                           BlockScratch& sc) {
   attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);
 }
-BITNET_BLOCK_CLONES void attend_block_f16(const float* const* q, int nq, const int64_t* last, const half_t* kc,
+BITNET_FLOAT_CLONES void attend_block_f16(const float* const* q, int nq, const int64_t* last, const half_t* kc,
                                           const half_t* vc, int64_t hd, float scale, float* const* out,
                                           BlockScratch& sc) {
   attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);

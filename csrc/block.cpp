@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bitnet_native.h"
+#include "float_clones.h"
 #include "native_services.h"
 #include "tq1_native.h"
 
@@ -43,14 +44,6 @@ void prefetch(const bitnet_linear_set& s) {
 enum Activation { kSilu = 0, kGelu = 1, kRelu2 = 2, kActivationCount };
 const char* const kActivationNames[kActivationCount] = {"silu", "gelu", "relu2"};
 
-// The float loops of the block get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux).
-// -ffp-contract=off and no fast-math: every clone does the same IEEE operations in the same order, so
-// the results are bit for bit those of the baseline loop on every ISA and at every batch size.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BITNET_FLOAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BITNET_FLOAT_CLONES
-#endif
 
 // e^x for any float x, branch free so that the activation loops vectorise: x = n ln2 + r with
 // n = round(x / ln2) and |r| <= ln2 / 2 (two-constant Cody-Waite), e^r by a degree-7 Taylor polynomial

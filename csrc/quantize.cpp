@@ -2,6 +2,7 @@
 // the RMSNorm folded into the quantisation of bitnet_bitlinear_multi. See quantize.h.
 #include "quantize.h"
 
+#include "float_clones.h"
 #include "native_services.h"
 
 #include <cmath>
@@ -12,14 +13,6 @@
 namespace bitnet {
 namespace {
 
-// The float loops here get AVX-512 and AVX2 clones besides the baseline one (GCC, x86-64 Linux);
-// -ffp-contract=off and no fast-math: each clone does the same IEEE operations in the same order as
-// the baseline, so scales, codes and norms are bit for bit the same on every ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BITNET_QUANT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BITNET_QUANT_CLONES
-#endif
 
 // s = (1 / max(amax, eps)) * Qp in float32, exactly as torch evaluates `qp / amax.clamp(min=eps)`
 // (Tensor.__rtruediv__ is reciprocal() * other).
@@ -31,7 +24,7 @@ float act_scale(float amax, float eps, int qp) {
 
 // sum_k x[k]^2 in float64 (each square is exact), in 8 interleaved partial sums added pairwise: a fixed
 // order (the same result on every ISA and thread count) without one long chain of dependent adds.
-BITNET_QUANT_CLONES double sum_squares(const float* x, int64_t K) {
+BITNET_FLOAT_CLONES double sum_squares(const float* x, int64_t K) {
   double acc[8] = {};
   int64_t i = 0;
   for (; i + 8 <= K; i += 8)
@@ -43,7 +36,7 @@ BITNET_QUANT_CLONES double sum_squares(const float* x, int64_t K) {
 // Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
 // so this is the check that keeps a non-finite row from being quantised as if it were finite: an
 // integer OR-reduction over a row the absmax has just read (in L1), vectorised by the compiler.
-BITNET_QUANT_CLONES bool row_nonfinite(const float* x, int64_t K) {
+BITNET_FLOAT_CLONES bool row_nonfinite(const float* x, int64_t K) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < K; ++i) {
     uint32_t u;
@@ -54,7 +47,7 @@ BITNET_QUANT_CLONES bool row_nonfinite(const float* x, int64_t K) {
 }
 
 // y[i] = (x[i] * r) * w[i]: RMSNorm's scaling of one row by its factor r and the norm weight
-BITNET_QUANT_CLONES void scale_row(const float* x, float r, const float* w, int64_t K, float* y) {
+BITNET_FLOAT_CLONES void scale_row(const float* x, float r, const float* w, int64_t K, float* y) {
   for (int64_t i = 0; i < K; ++i) y[i] = (x[i] * r) * w[i];
 }
 

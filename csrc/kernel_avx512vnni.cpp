@@ -84,8 +84,8 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
 // unpacked once for all MT tokens and each activation vector is loaded once (into a register) for all RT
 // rows. RT = MT = 4: 16 independent vpdpbusd chains (the GEMV tile's 8 leave the unit waiting on their
 // latency) and one 64-byte load per 4 of them; the 4 activation rows (4 x K bytes) stay in L1.
-// Measured against the 2 x 4 GEMV tile (same run, calls alternated): 1.1-1.3x on the 2B4T shapes at
-// M = 8..512; a 2 x 8 tile was slower (8 activation rows of K = 6912 spill out of L1).
+// Measured against the 2 x 4 GEMV tile (same process, calls alternated): 0.98-1.28x, median ~1.1x, on
+// the 2B4T shapes at M = 8..512; a 2 x 8 tile was slower (8 activation rows of K = 6912 leave L1).
 template <int RT, int MT>
 inline void tile_shared(const GemmArgs& a, int64_t m, int64_t n) {
   const __m512i m3 = _mm512_set1_epi8(3);

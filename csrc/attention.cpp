@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bitnet_native.h"
+#include "exp_reduce.h"
 #include "float_clones.h"
 #include "native_services.h"
 
@@ -40,10 +41,8 @@ void rope(float* x, int64_t hd, const float* c, const float* s) {
 // bits. Branch free so that the loops over 16 queries vectorise; x < -87 gives ~1e-38, never inf/NaN.
 inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float magic = 12582912.0f;                 // 1.5 * 2^23: t - magic = round(x / ln2)
-  const float t = x * 1.44269504f + magic;
-  const float n = t - magic;
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  const ExpReduced e = exp_reduce(x);
+  const float r = e.r;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -51,12 +50,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const int32_t bits = (ti - 0x4B400000 + 127) << 23;   // (n + 127) in the exponent field
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return p * exp2_int(e.n);
 }
 
 // Float32 keys ahead of the one being read that the decode loops ask the cache for (software prefetch;

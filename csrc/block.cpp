@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bitnet_native.h"
+#include "exp_reduce.h"
 #include "float_clones.h"
 #include "native_services.h"
 #include "tq1_native.h"
@@ -51,10 +52,8 @@ const char* const kActivationNames[kActivationCount] = {"silu", "gelu", "relu2"}
 // 0 (no denormals), NaN stays NaN: the limits of expf where SiLU uses them.
 inline float exp_any(float x) {
   const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float magic = 12582912.0f;                 // 1.5 * 2^23: t - magic = round(xc / ln2)
-  const float t = xc * 1.44269504f + magic;
-  const float n = t - magic;
-  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+  const bitnet::ExpReduced e = bitnet::exp_reduce(xc);
+  const float r = e.r;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -63,15 +62,9 @@ inline float exp_any(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
   // 2^n as two factors 2^(n - n/2) * 2^(n/2) (each exponent in range for n in [-126, 128])
-  const int32_t ni = ti - 0x4B400000, nh = ni / 2;
-  const int32_t b1 = (ni - nh + 127) << 23, b2 = (nh + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, 4);
-  std::memcpy(&s2, &b2, 4);
-  float y = (p * s1) * s2;
+  const int32_t nh = e.n / 2;
+  float y = (p * bitnet::exp2_int(e.n - nh)) * bitnet::exp2_int(nh);
   y = x > 88.7f ? INFINITY : y;
   y = x < -87.3f ? 0.0f : y;
   return x != x ? x : y;

@@ -48,6 +48,26 @@ def test_captured_step_is_one_graph_and_matches_the_loop(pack):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_captured_step_with_a_float16_cache_follows_the_loop_on_the_same_cache():
+    m = model(True)
+    prompt = torch.randint(0, 61, (2, 5))
+    torch._dynamo.reset()
+    dec = CapturedDecoder(m, batch=2, max_len=32, backend="eager", kv_dtype="float16")
+    assert all(c.k.dtype == c.v.dtype == torch.float16 for c in dec.caches)
+    caches = m.new_caches(2, 32, dtype=torch.float16)           # the eager loop on a float16 cache
+    with torch.no_grad():
+        want = m(prompt, caches=caches, start_pos=0)[:, -1]
+    got = dec.prefill(prompt)
+    for i in range(4):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        tok = want.argmax(-1, keepdim=True)
+        with torch.no_grad():
+            want = m(tok, caches=caches, start_pos=prompt.shape[1] + i)[:, -1]
+        got = dec.step(tok)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        CapturedDecoder(m, kv_dtype="int4", compile=False)
+
+
 def test_captured_decoder_errors():
     m = model(False)
     with pytest.raises(ValueError, match="batch"):

@@ -37,17 +37,20 @@ class CapturedDecoder(nn.Module):
         max_len: cache length (default ``model.max_seq_len``).
         compile: compile the step (False: run it eagerly, same results; for debugging).
         backend, mode: passed to ``torch.compile`` (mode default: :func:`default_mode`).
+        kv_dtype: the caches' dtype (``None``: the model's; ``"float16"``: half the bytes, see
+            :class:`~bitnet.generate.Decoder`).
     """
 
     def __init__(self, model: nn.Module, batch: int = 1, max_len: Optional[int] = None, compile: bool = True,
-                 backend: str = "inductor", mode: Optional[str] = None):
+                 backend: str = "inductor", mode: Optional[str] = None, kv_dtype=None):
         super().__init__()
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         max_len = int(max_len or model.max_seq_len)
         if not 1 <= max_len <= model.max_seq_len:
             raise ValueError(f"max_len must lie in [1, {model.max_seq_len}] (the model's max_seq_len), got {max_len}")
-        self.decoder = Decoder(model, rows=batch, max_len=max_len, static=True)   # caches, prefill, threads
+        self.decoder = Decoder(model, rows=batch, max_len=max_len, static=True,   # caches, prefill, threads
+                               kv_dtype=kv_dtype)
         self.model = self.decoder.model
         self.batch, self.max_len = batch, max_len
         self.caches = nn.ModuleList(self.decoder.caches)          # buffers: static addresses

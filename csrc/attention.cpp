@@ -35,7 +35,6 @@ void rope(float* x, int64_t hd, const float* c, const float* s) {
   }
 }
 
-
 // e^x for x <= 0 (scores minus their row maximum): x = n ln2 + r, |r| <= ln2 / 2 (two-constant
 // Cody-Waite), e^r by its degree-6 Taylor polynomial (relative error ~1e-7), 2^n from the exponent
 // bits. Branch free so that the loops over 16 queries vectorise; x < -87 gives ~1e-38, never inf/NaN.
@@ -455,7 +454,6 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
     for (d = 0; d < hd; ++d) out[i][d] = ot[d * kQB + i] * inv;
   }
 }
-
 
 BITNET_FLOAT_CLONES void attend_block_f32(const float* const* q, int nq, const int64_t* last, const float* kc,
                                           const float* vc, int64_t hd, float scale, float* const* out,

@@ -45,7 +45,6 @@ void prefetch(const bitnet_linear_set& s) {
 enum Activation { kSilu = 0, kGelu = 1, kRelu2 = 2, kActivationCount };
 const char* const kActivationNames[kActivationCount] = {"silu", "gelu", "relu2"};
 
-
 // e^x for any float x, branch free so that the activation loops vectorise: x = n ln2 + r with
 // n = round(x / ln2) and |r| <= ln2 / 2 (two-constant Cody-Waite), e^r by a degree-7 Taylor polynomial
 // (relative error ~2e-7, a few ulp), 2^n from the exponent bits. x > 88.7 gives inf, x < -87.3 gives

@@ -39,6 +39,12 @@ namespace {
 // (TileConfig, TileScope: our tile configuration for one call, the thread's previous one back after;
 // transpose16: see amx_tiles.h.)
 
+// Pairs of I2 blocks per chunk: the chunk's codes (32 rows x 4 steps x 64 per pair = 8 KB per pair)
+// are unpacked into L1 and used at once by every 32-token block of the task. Unpacking a whole panel
+// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 2 pairs
+// (16 KB, + 16 KB of accumulators) measured 1.2-1.3x faster than 1 or 3, 4 pairs overflow L1.
+constexpr int64_t kPairsPerChunk = 2;
+
 // Unpacks pairs of I2 blocks [p0, p1) of weight rows [n0, n0 + rows) (rows <= 32) into tile-major
 // codes: for local k step s (64 values of the pair-interleaved k order; pair p gives steps
 // 4 (p - p0) .. + 3 by shifts 0, 2, 4, 6) and tile i (rows 16i .. 16i + 15), the 16 x 64 codes are the
@@ -58,10 +64,10 @@ void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p
       }
       const uint8_t* src = a.w + (n0 + r) * a.ldw + 64 * p;
       // 32 interleaved row streams defeat the hardware prefetcher: ask for this row's line of the next
-      // chunk (kPairsPerChunk = 2 pairs of 64 bytes on; past the row's end, the next row's first line),
+      // chunk (kPairsPerChunk pairs of 64 bytes on; past the row's end, the next row's first line),
       // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
       // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
-      _mm_prefetch((const char*)(src + 64 * 2), _MM_HINT_T0);
+      _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
       // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
@@ -135,12 +141,6 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
     if (NA > 1 && NB > 1) _tile_stored(3, c + 768, 64);
   }
 }
-
-// Pairs of I2 blocks per chunk: the chunk's codes (32 rows x 4 steps x 64 per pair = 8 KB per pair)
-// are unpacked into L1 and used at once by every 32-token block of the task. Unpacking a whole panel
-// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 2 pairs
-// (16 KB, + 16 KB of accumulators) measured 1.2-1.3x faster than 1 or 3, 4 pairs overflow L1.
-constexpr int64_t kPairsPerChunk = 2;
 
 // Tokens [m0, m1) (<= kPanelMaxM) x one panel of <= 32 weight rows [n0, n1); c: kPanelMaxM / 32
 // blocks of 1024 int32 accumulators (one block: they stay in the tile registers between chunks).

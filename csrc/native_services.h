@@ -12,8 +12,9 @@ int native_threads();
 // Rows per task of a decode (GEMV) over `rows` weight rows: ~4 tasks per pool thread, a multiple of 8, at
 // least 16, so that no thread waits long on a slow one. Used by the I2 and TQ1 decode drivers.
 int64_t decode_row_chunk(int64_t rows);
-// 1 / sqrt(mean_k x[k]^2 + eps) in the order of the I2 drivers' RMSNorm (sum of squares in float64)
-float native_rms_factor(const float* x, int64_t K, float eps);
+// y[i] = (x[i] * r) * w[i], r = 1 / sqrt(mean_k x[k]^2 + eps) (sum of squares in float64): the RMSNorm of
+// one row as every native driver (I2 and TQ1) computes it, bit for bit.
+void native_rms_norm_row(const float* x, int64_t K, float eps, const float* w, float* y);
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 
 // The float epilogue of every linear, in place over out[m0:m1, n0:n1] (int32 accumulators in, float32 out):

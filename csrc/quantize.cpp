@@ -13,7 +13,6 @@
 namespace bitnet {
 namespace {
 
-
 // s = (1 / max(amax, eps)) * Qp in float32, exactly as torch evaluates `qp / amax.clamp(min=eps)`
 // (Tensor.__rtruediv__ is reciprocal() * other).
 float act_scale(float amax, float eps, int qp) {
@@ -77,8 +76,7 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * ldx;
       if (norm_weight) {
-        const float r = native_rms_factor(xr, K, norm_eps);
-        scale_row(xr, r, norm_weight, K, normed.data());
+        native_rms_norm_row(xr, K, norm_eps, norm_weight, normed.data());
         xr = normed.data();
       }
       int8_t* dst = xb.x.data() + m * xb.ldx;
@@ -122,9 +120,10 @@ void quantize_act(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t
   });
 }
 
-// 1 / sqrt(mean_k x[k]^2 + eps): the RMSNorm factor of every native driver (I2 and TQ1), bit for bit.
-float native_rms_factor(const float* x, int64_t K, float eps) {
-  return 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
+// The RMSNorm of one row (native_services.h): r = 1 / sqrt(mean_k x[k]^2 + eps), y = (x * r) * w.
+void native_rms_norm_row(const float* x, int64_t K, float eps, const float* w, float* y) {
+  const float r = 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
+  scale_row(x, r, w, K, y);
 }
 
 }  // namespace bitnet

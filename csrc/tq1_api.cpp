@@ -144,18 +144,13 @@ int bitnet_tq1_bitlinear_multi(const float* x, int64_t M, int64_t K, int64_t ldx
   if ((rc = resolve_isa(isa, &ks))) return rc;
   const int resolved = ks.isa;
   if (M == 0 || total == 0) return BITNET_OK;
-  // RMSNorm (x * r) * norm_weight, r from the I2 drivers' own factor: the same float32 rows, bit for bit
+  // RMSNorm (x * r) * norm_weight by the I2 drivers' own row function: the same float32 rows, bit for bit
   const float* src = x;
   int64_t lds = ldx;
   if (norm_weight) {
     thread_local std::vector<float> normed;
     if ((int64_t)normed.size() < M * K) normed.resize((size_t)(M * K));
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * ldx;
-      const float r = native_rms_factor(xr, K, norm_eps);
-      float* dst = normed.data() + m * K;
-      for (int64_t i = 0; i < K; ++i) dst[i] = (xr[i] * r) * norm_weight[i];
-    }
+    for (int64_t m = 0; m < M; ++m) native_rms_norm_row(x + m * ldx, K, norm_eps, norm_weight, normed.data() + m * K);
     src = normed.data();
     lds = K;
   }

@@ -564,7 +564,7 @@ class NativeBlock:
             pos = positions.data_ptr()
         if x.shape[0] % batch or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B*T, {self.dim}) for B={batch} cache rows, got {tuple(x.shape)}")
-        code = 0 if k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32 else kv_dtype_code(k_cache, v_cache)
+        code = kv_dtype_code(k_cache, v_cache)
         rc = lib.bitnet_block_forward(ctypes.byref(self._struct), x.data_ptr(), batch, x.shape[0] // batch,
                                       k_cache.data_ptr(), v_cache.data_ptr(), code, k_cache.shape[2], pos, -1)
         _check_rc(rc, "block_forward (a position beyond the cache or rotary table?)")

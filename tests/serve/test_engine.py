@@ -14,10 +14,14 @@ from bitnet.serve.server import load_engine
 from bitnet.tokenizer import ByteTokenizer
 
 
-def run_together(engine, prompts, params):
+def run_together(engine, prompts, params, start=False):
+    """Submit every prompt (then start the engine, with ``start``: all are admitted at its first turn) and
+    wait until each request ends."""
     done = [threading.Event() for _ in prompts]
     reqs = [engine.submit(Request(list(p), params, lambda ev, d=d: d.set() if ev[0] in ("done", "error") else None))
             for p, d in zip(prompts, done)]
+    if start:
+        engine.start()
     for d in done:
         assert d.wait(60)
     return reqs
@@ -180,3 +184,20 @@ def test_prompts_admitted_together_prefill_in_one_forward_and_a_bad_one_ends_alo
             threading.Event().wait(0.02)
     assert engine.prefills == 1                                     # admitted together: one forward
     assert [r.output_ids for r in got] == [generate(model, p, 6, temperature=0) for p in good]
+
+
+def test_a_group_of_adjacent_slots_is_prefilled_in_slot_order():
+    """Prompts of different lengths admitted together into slots 0..3 reach Decoder.prefill_rows in slot
+    order (rows 0, 1, 2, 3: prefilled in place, no scratch copy), whatever order their lengths give, and
+    decode what generate() gives each alone."""
+    torch.manual_seed(4)
+    model = pack(BitNetTransformer(256, 64, 2, heads=4, kv_heads=2, max_seq_len=64).eval())
+    engine = Engine(model, ByteTokenizer(), slots=4)
+    seen = []
+    prefill_rows = engine.decoder.prefill_rows
+    engine.decoder.prefill_rows = lambda prompts, rows: (seen.append(list(rows)), prefill_rows(prompts, rows))[1]
+    prompts = [list(b"nine char"), list(b"sevench"), list(b"eight ch"), list(b"six ch")]
+    reqs = run_together(engine, prompts, SamplingParams(max_tokens=6, temperature=0), start=True)
+    engine.stop()
+    assert seen == [[0, 1, 2, 3]] and engine.prefills == 1
+    assert [r.output_ids for r in reqs] == [generate(model, p, 6, temperature=0) for p in prompts]

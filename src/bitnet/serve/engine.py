@@ -324,7 +324,8 @@ class Engine:
             self._release_cancelled()
             admitted = self._admit()
         for group in prefill_groups([len(a.req.prompt_ids) for a in admitted]):
-            self._guard(self._prefill, [admitted[i] for i in group])
+            # in slot order: a group of adjacent slots is prefilled in place (Decoder.prefill_rows)
+            self._guard(self._prefill, sorted((admitted[i] for i in group), key=lambda a: a.req.slot))
             self._beat = time.monotonic()
         if any(a is not None and a.last is not None for a in self._active):
             self._guard(self._decode, [a for a in self._active if a is not None])

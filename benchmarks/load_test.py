@@ -175,6 +175,14 @@ def report_engine(before, after, requests: int) -> None:
           f"for {requests} requests ({requests / max(prefills, 1):.1f} prompts per prefill)", flush=True)
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other jobs on a shared machine slow every phase), as text."""
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -341,6 +349,10 @@ def main(argv=None):
         model = served_model(url)
         import httpx
 
+        from bitnet.bench import cpu_model
+
+        print(f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs); {load_average()}", flush=True)
+
         print(f"server: KV caches {httpx.get(url + '/health', timeout=30).json().get('kv_dtype', '?')}", flush=True)
         prompts = [f"Request {i:03d}: the quick brown fox #{i} " + "abcdefghij"[i % 10] * (i % 7) for i in range(args.prompts)]
         reference = None
@@ -370,6 +382,7 @@ def main(argv=None):
                   ", ".join(f"{c} clients {v:.1f}" for c, v in med.items()))
             print("speed-up vs", counts[0], "client(s):",
                   ", ".join(f"{c} clients x{med[c] / base:.2f}" for c in med if c != counts[0]))
+        print(f"machine at the end: {load_average()}")
         what = "lost, mixed or drifted" if args.exact else "lost or mixed"
         print("checks:", f"ok (nothing {what})" if ok else f"FAILED (see errors / lost / mixed{' / drift' * args.exact} above)")
         return 0 if ok else 1

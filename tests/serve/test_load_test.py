@@ -140,6 +140,7 @@ def test_load_test_serves_a_random_model_of_a_named_shape(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "clients=4" in out and "lost=0" in out and "mixed=0" in out and "drift=0" in out and "errors=0" in out
+    assert "load average" in out and "machine at the end" in out
 
 
 @pytest.mark.parametrize("argv, message", [

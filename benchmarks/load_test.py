@@ -243,8 +243,11 @@ def write_id_tokenizer(folder: Path, vocab_size: int) -> None:
     ByteTokenizer does: the same prompts, the same ids), and every id 256.. decodes to its own text
     ``"<id>"``, so any token a random model samples has a distinct, decodable text (a ByteTokenizer
     cannot decode ids >= 256 and ends such a request with an error)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise SystemExit("--random --shape needs the 'hf' extra for its tokenizer (tokenizers, transformers): "
+                         "pip install '.[hf]' from a clone") from None
     if vocab_size < 256:
         raise ValueError(f"the model's vocabulary must hold the 256 byte values, got {vocab_size} tokens")
     vocab = {ch: b for b, ch in byte_level_alphabet().items()}

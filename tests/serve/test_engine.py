@@ -109,6 +109,16 @@ def test_a_request_failing_while_admitted_ends_alone_and_the_loop_goes_on():
         assert engine.health() == (True, None) and engine.stats()["failed"] == 1
 
 
+def test_an_engine_warns_when_the_model_outputs_ids_its_tokenizer_cannot_decode(caplog):
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        Engine(BitNetTransformer(300, 32, 1, heads=2, max_seq_len=16), ByteTokenizer(), slots=1)
+    assert "the model outputs 300 token ids but its tokenizer knows 256" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        Engine(BitNetTransformer(256, 32, 1, heads=2, max_seq_len=16), ByteTokenizer(), slots=1)
+    assert "tokenizer knows" not in caplog.text
+
+
 def test_a_row_failing_in_a_decode_step_ends_alone():
     """A model with 300 outputs and a 256-token tokenizer: outputs 256.. (zero head rows) cannot be
     decoded. A sampled request draws one mid-way and fails; the greedy rows decoded with it finish."""

@@ -178,6 +178,10 @@ class Engine:
         self.stall_timeout = float(stall_timeout)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        outputs, known = getattr(model, "num_tokens", None), getattr(tokenizer, "vocab_size", None)
+        if isinstance(outputs, int) and isinstance(known, int) and outputs > known:
+            log.warning("the model outputs %d token ids but its tokenizer knows %d: a request that samples an id "
+                        ">= %d cannot be decoded (with the byte tokenizer it ends with an error)", outputs, known, known)
         self.slots, self.max_queue, self.context = slots, max_queue, context
         # the caches, prefill/step, threads
         self.decoder = Decoder(self.model, rows=slots, max_len=context, kv_dtype=kv_dtype)

@@ -5,6 +5,8 @@
     # start a server itself (subprocess) on a checkpoint, or on a random model of a given shape
     python benchmarks/load_test.py --model runs/kjv --clients 1,16
     python benchmarks/load_test.py --random --dim 512 --depth 8 --clients 1,16 [--pack]
+    # a packed random model of a named shape (bitnet.bench.MODEL_SHAPES), never materialising fp weights
+    python benchmarks/load_test.py --random --shape 2b4t --max-seq-len 128 --clients 1,16 --slots 16
     # the server's KV caches in float16 (half the cache bytes per decode step)
     python benchmarks/load_test.py --random --dim 1024 --depth 12 --heads 16 --pack --kv-dtype float16
 
@@ -173,6 +175,14 @@ def report_engine(before, after, requests: int) -> None:
           f"for {requests} requests ({requests / max(prefills, 1):.1f} prompts per prefill)", flush=True)
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other jobs on a shared machine slow every phase), as text."""
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,24 +228,78 @@ def stop_server(proc, tmp=None) -> None:
         tmp.cleanup()
 
 
+def byte_level_alphabet() -> dict[int, str]:
+    """The printable character a byte-level BPE vocabulary uses for each byte value 0..255: printable
+    Latin-1 bytes stand for themselves, the others (controls, space, soft hyphen) for U+0100 onwards,
+    in byte order (the alphabet of ``tokenizers.pre_tokenizers.ByteLevel``)."""
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+
+
+def write_id_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A Hugging Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` in ``folder``) for a random
+    model of ``vocab_size`` >= 256 tokens: text encodes to its UTF-8 bytes (id = byte value, as the
+    ByteTokenizer does: the same prompts, the same ids), and every id 256.. decodes to its own text
+    ``"<id>"``, so any token a random model samples has a distinct, decodable text (a ByteTokenizer
+    cannot decode ids >= 256 and ends such a request with an error)."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise SystemExit("--random --shape needs the 'hf' extra for its tokenizer (tokenizers, transformers): "
+                         "pip install '.[hf]' from a clone") from None
+    if vocab_size < 256:
+        raise ValueError(f"the model's vocabulary must hold the 256 byte values, got {vocab_size} tokens")
+    vocab = {ch: b for b, ch in byte_level_alphabet().items()}
+    vocab.update({f"<{i}>": i for i in range(256, vocab_size)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))          # no merges: one token per byte
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}))
+
+
 def random_model(args, folder):
+    """Save a random model for the server: ``--shape`` (packed, built without fp weights, by
+    :func:`bitnet.bench.build_random_model`) or ``--dim/--depth/--heads`` (a 256-token model with the
+    ByteTokenizer). Returns the run folder."""
     import torch
 
-    from bitnet import BitNetTransformer
     from bitnet.io import save_checkpoint
+
+    if args.shape:
+        from bitnet.bench import MODEL_SHAPES, build_random_model
+        from bitnet.tokenizer import HFTokenizer
+
+        shape = MODEL_SHAPES[args.shape]
+        model = build_random_model(shape, "packed", depth=args.depth, max_seq_len=args.max_seq_len, seed=args.seed)
+        run = Path(folder) / f"random-{args.shape}-l{len(model.layers)}"
+        (run / "tokenizer").mkdir(parents=True)
+        write_id_tokenizer(run / "tokenizer", model.num_tokens)
+        tokenizer = HFTokenizer(str(run / "tokenizer"))
+        tokenizer.name = "tokenizer"                 # config.json names it relative to the run folder
+        saved = save_checkpoint(run, model, tokenizer=tokenizer)
+        del model
+        return saved
+    from bitnet import BitNetTransformer
     from bitnet.tokenizer import ByteTokenizer
 
     torch.manual_seed(args.seed)
-    model = BitNetTransformer(256, args.dim, args.depth, heads=args.heads, max_seq_len=args.max_seq_len)
-    return save_checkpoint(Path(folder) / f"random-d{args.dim}-l{args.depth}", model, tokenizer=ByteTokenizer())
+    depth = 8 if args.depth is None else args.depth
+    model = BitNetTransformer(256, args.dim or 512, depth, heads=args.heads or 8, max_seq_len=args.max_seq_len)
+    return save_checkpoint(Path(folder) / f"random-d{args.dim or 512}-l{depth}", model, tokenizer=ByteTokenizer())
 
 
 def main(argv=None):
+    from bitnet.bench import MODEL_SHAPES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     src.add_argument("--model", help="checkpoint to serve (starts `bitnet serve` as a subprocess)")
-    src.add_argument("--random", action="store_true", help="serve a randomly initialised model of --dim/--depth")
+    src.add_argument("--random", action="store_true",
+                     help="serve a randomly initialised model of --shape, or of --dim/--depth/--heads")
     p.add_argument("--clients", default="1,16", help="comma-separated client counts (default 1,16)")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per phase (default: 4 per client, at least 8)")
@@ -252,12 +316,23 @@ def main(argv=None):
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
                    help="what the server's KV caches store (bitnet serve --kv-dtype; default: the model's dtype)")
-    g.add_argument("--dim", type=int, default=512)
-    g.add_argument("--depth", type=int, default=8)
-    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--shape", choices=sorted(MODEL_SHAPES), default=None,
+                   help="--random: a packed model of this shape of bitnet.bench.MODEL_SHAPES (e.g. 2b4t: hidden 2560, "
+                        "30 layers, GQA, vocabulary 128256), built without fp weights; needs the 'hf' extra "
+                        "(its tokenizer)")
+    g.add_argument("--dim", type=int, default=None, help="--random without --shape: width (default 512)")
+    g.add_argument("--depth", type=int, default=None,
+                   help="--random: blocks (default 8, or the --shape's depth)")
+    g.add_argument("--heads", type=int, default=None, help="--random without --shape: heads (default 8)")
     g.add_argument("--max-seq-len", type=int, default=512)
     g.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if (args.shape or args.dim or args.heads or args.depth is not None) and not args.random:
+        p.error("--shape, --dim, --depth and --heads describe the model of --random")
+    if args.shape and (args.dim or args.heads):
+        p.error("--shape sets the width and heads; --dim and --heads are for --random without --shape")
+    if args.depth is not None and args.depth < 1:
+        p.error(f"--depth must be >= 1, got {args.depth}")
     counts = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in counts) or min(args.max_tokens, args.prompts, args.rounds) < 1:
         p.error("--clients, --max-tokens, --prompts and --rounds must be >= 1")
@@ -276,6 +351,10 @@ def main(argv=None):
             proc, url = start_server(model, args)
         model = served_model(url)
         import httpx
+
+        from bitnet.bench import cpu_model
+
+        print(f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs); {load_average()}", flush=True)
 
         print(f"server: KV caches {httpx.get(url + '/health', timeout=30).json().get('kv_dtype', '?')}", flush=True)
         prompts = [f"Request {i:03d}: the quick brown fox #{i} " + "abcdefghij"[i % 10] * (i % 7) for i in range(args.prompts)]
@@ -306,6 +385,7 @@ def main(argv=None):
                   ", ".join(f"{c} clients {v:.1f}" for c, v in med.items()))
             print("speed-up vs", counts[0], "client(s):",
                   ", ".join(f"{c} clients x{med[c] / base:.2f}" for c in med if c != counts[0]))
+        print(f"machine at the end: {load_average()}")
         what = "lost, mixed or drifted" if args.exact else "lost or mixed"
         print("checks:", f"ok (nothing {what})" if ok else f"FAILED (see errors / lost / mixed{' / drift' * args.exact} above)")
         return 0 if ok else 1

@@ -185,6 +185,60 @@ def test_prefill_rows_equals_each_prompt_prefilled_alone(pack, kv_dtype):
             torch.testing.assert_close(have, want, rtol=2e-4, atol=2e-4)
 
 
+def prefill_rows_through_scratch(dec, prompts, rows):
+    """prefill_rows as it was first written: one padded forward into a scratch cache of the prompts'
+    length, then an index_put of the scratch rows into the rows (the reference of the test below)."""
+    g, t = len(rows), max(map(len, prompts))
+    ids = torch.zeros(g, t, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    scratch = dec.model.new_caches(g, t, **dec._cache_args)
+    with torch.inference_mode(), torch_threads(dec.torch_threads):
+        logits = dec.model(ids, caches=scratch, start_pos=0, logits_at=torch.tensor([len(p) - 1 for p in prompts]))
+        at = torch.tensor(rows)
+        for c, s in zip(dec.caches, scratch):
+            c.k[at, :, :t] = s.k
+            c.v[at, :, :t] = s.v
+    for r, p in zip(rows, prompts):
+        dec.positions[r] = len(p)
+    return logits[:, 0]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "float16"])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("rows", [[2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6], [5, 1, 2, 6, 0], [3, 4, 0, 1], [6, 4, 2]],
+                         ids=["in-place", "all-rows", "runs", "two-runs", "scattered"])
+def test_prefill_rows_writes_the_caches_the_scratch_copy_wrote(pack, kv_dtype, rows):
+    """Rows in increasing order without gaps are prefilled in place, others copied from the scratch cache
+    one slice per run of consecutive rows: caches (every entry, padding and untouched rows included),
+    logits and positions are bit for bit those of the scratch + index_put copy it replaces."""
+    m = tiny(pack, max_seq_len=64)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (7, 19, 3, 12, 19, 1, 8)[:len(rows)]]
+    decs = [Decoder(m, rows=7, max_len=64, kv_dtype=kv_dtype) for _ in range(2)]
+    for d in decs:                                       # stale contents everywhere, the same in both
+        for i, c in enumerate(d.caches):
+            noise = torch.randn(c.k.shape, generator=torch.Generator().manual_seed(i))
+            c.k.copy_(noise)
+            c.v.copy_(-noise)
+        d.positions = [33] * 7
+    got = decs[0].prefill_rows(prompts, rows)
+    want = prefill_rows_through_scratch(decs[1], prompts, rows)
+    assert torch.equal(got, want)
+    assert decs[0].positions == decs[1].positions
+    for a, b in zip(decs[0].caches, decs[1].caches):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+def test_runs_of_consecutive_rows():
+    from bitnet.generate.decoder import _runs
+
+    assert _runs([5, 1, 2, 6, 0]) == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert _runs([3, 4, 5]) == [(0, 3)]
+    assert _runs([4, 3]) == [(0, 1), (1, 2)]
+    assert _runs([7]) == [(0, 1)]
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_half_kv_cache_decode_stays_close_to_the_uncached_forward(pack):
     """kv_dtype="float16": caches of float16 (half the bytes per step), keys/values rounded when written;

@@ -14,10 +14,14 @@ from bitnet.serve.server import load_engine
 from bitnet.tokenizer import ByteTokenizer
 
 
-def run_together(engine, prompts, params):
+def run_together(engine, prompts, params, start=False):
+    """Submit every prompt (then start the engine, with ``start``: all are admitted at its first turn) and
+    wait until each request ends."""
     done = [threading.Event() for _ in prompts]
     reqs = [engine.submit(Request(list(p), params, lambda ev, d=d: d.set() if ev[0] in ("done", "error") else None))
             for p, d in zip(prompts, done)]
+    if start:
+        engine.start()
     for d in done:
         assert d.wait(60)
     return reqs
@@ -105,6 +109,16 @@ def test_a_request_failing_while_admitted_ends_alone_and_the_loop_goes_on():
         assert engine.health() == (True, None) and engine.stats()["failed"] == 1
 
 
+def test_an_engine_warns_when_the_model_outputs_ids_its_tokenizer_cannot_decode(caplog):
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        Engine(BitNetTransformer(300, 32, 1, heads=2, max_seq_len=16), ByteTokenizer(), slots=1)
+    assert "the model outputs 300 token ids but its tokenizer knows 256" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bitnet.serve"):
+        Engine(BitNetTransformer(256, 32, 1, heads=2, max_seq_len=16), ByteTokenizer(), slots=1)
+    assert "tokenizer knows" not in caplog.text
+
+
 def test_a_row_failing_in_a_decode_step_ends_alone():
     """A model with 300 outputs and a 256-token tokenizer: outputs 256.. (zero head rows) cannot be
     decoded. A sampled request draws one mid-way and fails; the greedy rows decoded with it finish."""
@@ -180,3 +194,20 @@ def test_prompts_admitted_together_prefill_in_one_forward_and_a_bad_one_ends_alo
             threading.Event().wait(0.02)
     assert engine.prefills == 1                                     # admitted together: one forward
     assert [r.output_ids for r in got] == [generate(model, p, 6, temperature=0) for p in good]
+
+
+def test_a_group_of_adjacent_slots_is_prefilled_in_slot_order():
+    """Prompts of different lengths admitted together into slots 0..3 reach Decoder.prefill_rows in slot
+    order (rows 0, 1, 2, 3: prefilled in place, no scratch copy), whatever order their lengths give, and
+    decode what generate() gives each alone."""
+    torch.manual_seed(4)
+    model = pack(BitNetTransformer(256, 64, 2, heads=4, kv_heads=2, max_seq_len=64).eval())
+    engine = Engine(model, ByteTokenizer(), slots=4)
+    seen = []
+    prefill_rows = engine.decoder.prefill_rows
+    engine.decoder.prefill_rows = lambda prompts, rows: (seen.append(list(rows)), prefill_rows(prompts, rows))[1]
+    prompts = [list(b"nine char"), list(b"sevench"), list(b"eight ch"), list(b"six ch")]
+    reqs = run_together(engine, prompts, SamplingParams(max_tokens=6, temperature=0), start=True)
+    engine.stop()
+    assert seen == [[0, 1, 2, 3]] and engine.prefills == 1
+    assert [r.output_ids for r in reqs] == [generate(model, p, 6, temperature=0) for p in prompts]

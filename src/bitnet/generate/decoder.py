@@ -127,9 +127,14 @@ class Decoder:
         if n == self.rows:
             return self.caches
         if n not in self._prefix_caches:
-            self._prefix_caches[n] = [type(c)(n, c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k[:n], c.v[:n]),
-                                              static=c.static) for c in self.caches]
+            self._prefix_caches[n] = self._block_view(0, n)
         return self._prefix_caches[n]
+
+    def _block_view(self, first: int, n: int) -> list:
+        """Caches of batch ``n`` sharing rows ``first..first+n-1`` of the caches (contiguous: one slice)."""
+        end = first + n
+        return [type(c)(n, c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k[first:end], c.v[first:end]),
+                        static=c.static) for c in self.caches]
 
     # ---------------------------------------------------------------- model calls
 
@@ -163,9 +168,11 @@ class Decoder:
         """Start ``rows`` afresh with ``prompts`` (one each, any lengths >= 1) in ONE forward; returns the
         logits after each prompt (len(rows), vocab), in the order of ``rows``.
 
-        The prompts are right-padded to the longest into a scratch cache (causal attention: no real token
-        sees the padding) and their keys/values copied into the rows; the padding's entries lie past each
-        row's position, where its next tokens overwrite them. One forward over all prompts reads the weights
+        The prompts are right-padded to the longest (causal attention: no real token sees the padding); the
+        padding's entries lie past each row's position, where its next tokens overwrite them. Rows listed
+        in increasing order without gaps (``rows == [r, r+1, ...]``) are written in place, through a view of
+        the caches; other rows get their keys/values through a scratch cache, copied into them one slice per
+        run of consecutive rows (the same values either way). One forward over all prompts reads the weights
         once for all of them instead of once per prompt. Models without ``logits_at`` prefill row by row.
         """
         rows = [self._check_row(r) for r in rows]
@@ -186,14 +193,18 @@ class Decoder:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
         last = torch.tensor(lengths, dtype=torch.int64) - 1                                   # (G,)
-        scratch = self.model.new_caches(g, t, **self._cache_args)                           # (G, Hkv, T, hd) each
+        in_place = rows == list(range(rows[0], rows[0] + g))
+        # rows r..r+G-1 of the caches themselves, or a scratch cache: (G, Hkv, T or max_len, hd) each
+        caches = self._block_view(rows[0], g) if in_place else self.model.new_caches(g, t, **self._cache_args)
         with torch.inference_mode(), torch_threads(self.torch_threads):
-            logits = self.model(ids.to(self.device), caches=scratch, start_pos=0,
+            logits = self.model(ids.to(self.device), caches=caches, start_pos=0,
                                 logits_at=last.to(self.device))[:, 0]                         # (G, vocab)
-            at = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            for c, s in zip(self.caches, scratch):                                            # (G, Hkv, T, hd)
-                c.k[at, :, :t] = s.k
-                c.v[at, :, :t] = s.v
+            if not in_place:
+                for i, j in _runs(rows):           # scratch rows i..j-1 -> cache rows rows[i]..rows[i]+j-i-1
+                    a, b = rows[i], rows[i] + j - i
+                    for c, s in zip(self.caches, caches):                                     # (G, Hkv, T, hd)
+                        c.k[a:b, :, :t].copy_(s.k[i:j])
+                        c.v[a:b, :, :t].copy_(s.v[i:j])
         for r, n in zip(rows, lengths):
             self.positions[r] = n
         return logits
@@ -247,6 +258,16 @@ class Decoder:
         for r in rows:
             self.positions[r] += 1
         return logits if rows == list(range(n)) else logits[rows]
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive values in ``rows``, as index ranges [i, j): rows[i..j-1] = r, r+1, ..."""
+    runs, i = [], 0
+    for j in range(1, len(rows) + 1):
+        if j == len(rows) or rows[j] != rows[j - 1] + 1:
+            runs.append((i, j))
+            i = j
+    return runs
 
 
 __all__ = ["Decoder", "accepts_logits_to_keep", "model_device"]

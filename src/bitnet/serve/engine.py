@@ -178,6 +178,10 @@ class Engine:
         self.stall_timeout = float(stall_timeout)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        outputs, known = getattr(model, "num_tokens", None), getattr(tokenizer, "vocab_size", None)
+        if isinstance(outputs, int) and isinstance(known, int) and outputs > known:
+            log.warning("the model outputs %d token ids but its tokenizer knows %d: a request that samples an id "
+                        ">= %d cannot be decoded (with the byte tokenizer it ends with an error)", outputs, known, known)
         self.slots, self.max_queue, self.context = slots, max_queue, context
         # the caches, prefill/step, threads
         self.decoder = Decoder(self.model, rows=slots, max_len=context, kv_dtype=kv_dtype)
@@ -324,7 +328,8 @@ class Engine:
             self._release_cancelled()
             admitted = self._admit()
         for group in prefill_groups([len(a.req.prompt_ids) for a in admitted]):
-            self._guard(self._prefill, [admitted[i] for i in group])
+            # in slot order: a group of adjacent slots is prefilled in place (Decoder.prefill_rows)
+            self._guard(self._prefill, sorted((admitted[i] for i in group), key=lambda a: a.req.slot))
             self._beat = time.monotonic()
         if any(a is not None and a.last is not None for a in self._active):
             self._guard(self._decode, [a for a in self._active if a is not None])

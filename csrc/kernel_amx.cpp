@@ -41,11 +41,9 @@ namespace {
 
 // Pairs of I2 blocks per chunk: the chunk's codes (32 rows x 4 steps x 64 per pair = 8 KB per pair)
 // are unpacked into L1 and used at once by every 32-token block of the task. Unpacking a whole panel
-// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 4 pairs
-// overflow L1. With the next chunk prefetched all at once in the unpack, 2 pairs (16 KB, + 16 KB of
-// accumulators) measured 1.2-1.3x faster than 1 or 3; with the prefetches spread over the tile products
-// (NextLines), 1 pair measured 1.03-1.06x 2 on a prefill and ~1.1x on the GEMMs alone (weights from DRAM).
-constexpr int64_t kPairsPerChunk = 1;
+// first kept the codes in L2, where the stores alone run at ~10 B/cycle (a third of the time); 2 pairs
+// (16 KB, + 16 KB of accumulators) measured 1.2-1.3x faster than 1 or 3, 4 pairs overflow L1.
+constexpr int64_t kPairsPerChunk = 2;
 
 // Unpacks pairs of I2 blocks [p0, p1) of weight rows [n0, n0 + rows) (rows <= 32) into tile-major
 // codes: for local k step s (64 values of the pair-interleaved k order; pair p gives steps

@@ -63,6 +63,11 @@ void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p
         continue;
       }
       const uint8_t* src = a.w + (n0 + r) * a.ldw + 64 * p;
+      // 32 interleaved row streams defeat the hardware prefetcher: ask for this row's line of the next
+      // chunk (kPairsPerChunk pairs of 64 bytes on; past the row's end, the next row's first line),
+      // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
+      // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
+      _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
       // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
@@ -99,36 +104,14 @@ void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int
   }
 }
 
-// The I2 lines the next unpack_pairs call reads (the panel's next chunk, or the next panel's first one):
-// line i is row i / kPairsPerChunk, pair i % kPairsPerChunk from base. 32 interleaved row streams defeat
-// the hardware prefetcher, and asking for all 64 lines at once in the unpack stalls it on the line fill
-// buffers: the tile products of the current chunk issue them a few per k step instead, while the
-// tile unit works. Into L1 when the task has several 32-token blocks (the chunk's products take long
-// enough for the lines to arrive), into L2 for one block (decode-sized M: a chunk is ~8 tile products,
-// shorter than a memory access; measured 1.3-1.6x at M = 16 with weights from DRAM, 0.85-1.0x at 128).
-struct NextLines {
-  const uint8_t* base = nullptr;
-  int64_t ldw = 0;
-  int count = 0;
-  bool to_l2 = false;
-  void prefetch(int i0, int i1) const {
-    for (int i = i0; i < i1; ++i) {
-      const char* line = (const char*)(base + (i / kPairsPerChunk) * ldw + 64 * (i % kPairsPerChunk));
-      if (to_l2) _mm_prefetch(line, _MM_HINT_T1);
-      else _mm_prefetch(line, _MM_HINT_T0);
-    }
-  }
-};
-
 // Adds to the C' tiles of NA x 16 weight rows and NB x 16 tokens the products over `steps` k steps
 // (codes: one chunk, see unpack_pairs; xv_k: the activations of the chunk's first step for the first
 // token group of 16; the next group follows at 16 * ldx). The accumulators start from zero (zero),
 // from c (otherwise); they are written back to c (A-tile i, B-tile j at 256 (2i + j) int32) when
-// `store`, else they stay in the tile registers for the next chunk. between(s, steps) runs after the
-// tile products of step s are issued (the next chunk's prefetches), while the tile unit works.
-template <int NA, int NB, typename Between>
+// `store`, else they stay in the tile registers for the next chunk.
+template <int NA, int NB>
 void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t steps, bool zero, bool load,
-                bool store, int32_t* c, const Between& between) {
+                bool store, int32_t* c) {
   if (zero) {
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
@@ -150,7 +133,6 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
     if (NB > 1) _tile_dpbusd(1, 4, 7);
     if (NA > 1) _tile_dpbusd(2, 5, 6);
     if (NA > 1 && NB > 1) _tile_dpbusd(3, 5, 7);
-    between(s, steps);
   }
   if (store) {
     _tile_stored(0, c, 64);
@@ -160,58 +142,36 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, int64_t s
   }
 }
 
-// The accumulators c of one 32-token block (tokens m .. min(m + 32, m1)) x NA tiles of weight rows from n0
-// (< n1) through the epilogue to out.
-template <int NA>
-void store_block(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int64_t m, int64_t m1, int64_t n0,
-                 int64_t n1) {
-  for (int i = 0; i < NA; ++i) {
-    const int64_t n = n0 + 16 * i;
-    const int nrows = (int)std::min<int64_t>(16, n1 - n);
-    for (int j = 0; j < 2 && m + 16 * j < m1; ++j) {
-      const int64_t mt = m + 16 * j;
-      store_tile(a, e, c + 512 * i + 256 * j, mt, (int)std::min<int64_t>(16, m1 - mt), n, nrows);
-    }
-  }
-}
-
 // Tokens [m0, m1) (<= kPanelMaxM) x one panel of <= 32 weight rows [n0, n1); c: kPanelMaxM / 32
 // blocks of 1024 int32 accumulators (one block: they stay in the tile registers between chunks).
-// next_rows: rows of the panel after this one in the task (their first chunk is prefetched at the end).
 template <int NA>
 void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int64_t m0, int64_t m1,
-                int64_t n0, int64_t n1, int64_t next_rows, uint8_t* codes, int32_t* c) {
+                int64_t n0, int64_t n1, uint8_t* codes, int32_t* c) {
   const int64_t npairs = a.ldx / 256;  // ldx = 256 (full pairs + an odd last block)
   const bool one = m1 - m0 <= 32;
-  const int blocks = (int)((m1 - m0 + 31) / 32);
   for (int64_t p0 = 0; p0 < npairs; p0 += kPairsPerChunk) {
     const int64_t p1 = std::min(npairs, p0 + kPairsPerChunk);
     unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, codes);
     const bool first = p0 == 0, last = p1 == npairs;
-    NextLines next;
-    next.ldw = a.ldw;
-    next.to_l2 = one;
-    if (!last) {
-      next.base = a.w + n0 * a.ldw + 64 * p1;
-      next.count = (int)(n1 - n0) * kPairsPerChunk;
-    } else {
-      next.base = a.w + n1 * a.ldw;
-      next.count = (int)next_rows * kPairsPerChunk;
-    }
     for (int64_t m = m0; m < m1; m += 32) {
       const int8_t* xv_k = xv + (m / 16) * 16 * a.ldx + 1024 * 4 * p0;
-      const int blk = (int)((m - m0) / 32);
-      int32_t* cm = c + 1024 * blk;
+      int32_t* cm = c + 1024 * ((m - m0) / 32);
       const bool load = !first && !one, store = last || !one;
-      const int l0 = next.count * blk / blocks, l1 = next.count * (blk + 1) / blocks;
-      const auto prefetch = [&](int64_t s, int64_t steps) {
-        next.prefetch(l0 + (int)((l1 - l0) * s / steps), l0 + (int)((l1 - l0) * (s + 1) / steps));
-      };
-      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm, prefetch);
-      else tile_steps<NA, 1>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm, prefetch);
+      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm);
+      else tile_steps<NA, 1>(codes, a.ldx, xv_k, 4 * (p1 - p0), first, load, store, cm);
     }
   }
-  for (int64_t m = m0; m < m1; m += 32) store_block<NA>(a, e, c + 1024 * ((m - m0) / 32), m, m1, n0, n1);
+  for (int64_t m = m0; m < m1; m += 32) {
+    const int32_t* cm = c + 1024 * ((m - m0) / 32);
+    for (int i = 0; i < NA; ++i) {
+      const int64_t n = n0 + 16 * i;
+      const int nrows = (int)std::min<int64_t>(16, n1 - n);
+      for (int j = 0; j < 2 && m + 16 * j < m1; ++j) {
+        const int64_t mt = m + 16 * j;
+        store_tile(a, e, cm + 512 * i + 256 * j, mt, (int)std::min<int64_t>(16, m1 - mt), n, nrows);
+      }
+    }
+  }
 }
 
 // Token group g (tokens 16g .. 16g + 15 of x (M, ldx)) in the VNNI layout of kernels.h: 16 x 16 dword
@@ -235,9 +195,9 @@ void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int6
   alignas(64) int32_t c[1024 * (kPanelMaxM / 32)];
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += 32) {
-    const int64_t n_end = std::min(n1, n + 32), next_rows = std::min<int64_t>(32, n1 - n_end);
-    if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, next_rows, codes, c);
-    else panel_rows<1>(a, e, xv, m0, m1, n, n_end, next_rows, codes, c);
+    const int64_t n_end = std::min(n1, n + 32);
+    if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c);
+    else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c);
   }
 }
 

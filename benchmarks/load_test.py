@@ -286,9 +286,9 @@ def random_model(args, folder):
     from bitnet.tokenizer import ByteTokenizer
 
     torch.manual_seed(args.seed)
-    depth = 8 if args.depth is None else args.depth
-    model = BitNetTransformer(256, args.dim or 512, depth, heads=args.heads or 8, max_seq_len=args.max_seq_len)
-    return save_checkpoint(Path(folder) / f"random-d{args.dim or 512}-l{depth}", model, tokenizer=ByteTokenizer())
+    dim, depth, heads = args.dim or 512, 8 if args.depth is None else args.depth, args.heads or 8
+    model = BitNetTransformer(256, dim, depth, heads=heads, max_seq_len=args.max_seq_len)
+    return save_checkpoint(Path(folder) / f"random-d{dim}-l{depth}", model, tokenizer=ByteTokenizer())
 
 
 def main(argv=None):

@@ -70,7 +70,7 @@ void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p
       // chunk (kPairsPerChunk pairs of 64 bytes on; past the row's end, the next row's first line),
       // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
       // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
-      _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
+      _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T1);
       // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);

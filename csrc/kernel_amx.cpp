@@ -53,7 +53,7 @@ constexpr int64_t kPrefetchSteps = 2;
 // 4 (p - p0) .. + 3 by shifts 0, 2, 4, 6) and tile i (rows 16i .. 16i + 15), the 16 x 64 codes are the
 // 1 KB at codes + 1024 (2s + i), so that every tile load reads one contiguous KB. Rows past `rows`
 // are zero (their outputs are discarded).
-void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p1, uint8_t* codes) {
+void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p1, bool to_l1, uint8_t* codes) {
   const __m512i m3 = _mm512_set1_epi8(3);
   const int64_t npair = a.nblk / 2;  // full pairs; an odd last block is pair npair
   const int nrows = rows > 16 ? 32 : 16;
@@ -70,7 +70,8 @@ void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p
       // chunk (kPairsPerChunk pairs of 64 bytes on; past the row's end, the next row's first line),
       // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
       // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
-      _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T1);
+      if (to_l1) _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
+      else _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T1);
       // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
@@ -113,8 +114,8 @@ void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int
 // from c (otherwise); they are written back to c (A-tile i, B-tile j at 256 (2i + j) int32) when
 // `store`, else they stay in the tile registers for the next chunk.
 template <int NA, int NB>
-void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int8_t* xv_next, int64_t steps,
-                bool zero, bool load, bool store, int32_t* c) {
+void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int8_t* xv_next, bool prefetch,
+                int64_t steps, bool zero, bool load, bool store, int32_t* c) {
   if (zero) {
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
@@ -132,7 +133,7 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int
     // tile loads: fetch the lines of the step kPrefetchSteps ahead into L1 (past this block's last step:
     // the first steps of the block that comes next, xv_next, when there is one).
     const int64_t t = s + kPrefetchSteps;
-    const int8_t* pf = t < steps ? xv_k + 1024 * t : (xv_next ? xv_next + 1024 * (t - steps) : nullptr);
+    const int8_t* pf = !prefetch ? nullptr : t < steps ? xv_k + 1024 * t : xv_next ? xv_next + 1024 * (t - steps) : nullptr;
     if (pf)
       for (int l = 0; l < 16; ++l) {
         _mm_prefetch((const char*)(pf + 64 * l), _MM_HINT_T0);
@@ -164,7 +165,7 @@ void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int
   const bool one = m1 - m0 <= 32;
   for (int64_t p0 = 0; p0 < npairs; p0 += kPairsPerChunk) {
     const int64_t p1 = std::min(npairs, p0 + kPairsPerChunk);
-    unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, codes);
+    unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, one, codes);
     const bool first = p0 == 0, last = p1 == npairs;
     for (int64_t m = m0; m < m1; m += 32) {
       const int8_t* xv_k = xv + (m / 16) * 16 * a.ldx + 1024 * 4 * p0;
@@ -174,8 +175,8 @@ void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int
                                           : nullptr;
       int32_t* cm = c + 1024 * ((m - m0) / 32);
       const bool load = !first && !one, store = last || !one;
-      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, xv_next, 4 * (p1 - p0), first, load, store, cm);
-      else tile_steps<NA, 1>(codes, a.ldx, xv_k, xv_next, 4 * (p1 - p0), first, load, store, cm);
+      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm);
+      else tile_steps<NA, 1>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm);
     }
   }
   for (int64_t m = m0; m < m1; m += 32) {

@@ -192,3 +192,32 @@ int bitnet_prefetch_async(int n, const void* const* ptrs, const int64_t* lens) {
 }
 
 }  // extern "C"
+
+namespace bitnet {
+int gated_bitlinear(const float* x, int64_t M, int64_t K, int bits, float eps, const float* norm_weight,
+                    float norm_eps, const uint8_t* gate, const uint8_t* up, int64_t F, int64_t ldw, float gate_scale,
+                    float up_scale, const float* gate_bias, const float* up_bias, const GateFn& act, float* h,
+                    int isa) {
+  const int64_t rows[2] = {F, F};
+  int64_t total = 0;
+  if (check_multi(2, bits, norm_eps, rows, &total) || M <= 3) return BITNET_EINVAL;
+  int rc = check_dims(M, K, K, F, ldw, F);
+  if (rc) return rc;
+  Kernel k;
+  if ((rc = resolve_isa(isa, &k))) return rc;
+  if (F == 0) return BITNET_OK;
+  XBuf& xb = scratch();
+  std::vector<float> xs((size_t)M);
+  quantize_rows(k, x, M, K, K, bits, eps, norm_weight, norm_eps, xb, xs.data());
+  const int64_t nblk = round_up(K, 128) / 128;
+  const GemmArgs ga{xb.x.data(), xb.ldx, xb.sum.data(), gate, ldw, nblk, nullptr, 0};
+  const GemmArgs ua{xb.x.data(), xb.ldx, xb.sum.data(), up, ldw, nblk, nullptr, 0};
+  Epilogue ge, ue;
+  ge.to_float = ue.to_float = true;
+  ge.x_scale = ue.x_scale = xs.data();
+  ge.w_scale = gate_scale; ge.bias = gate_bias;
+  ue.w_scale = up_scale; ue.bias = up_bias;
+  run_gated_gemm(k, ga, ge, ua, ue, M, F, xb, act, h, F);
+  return BITNET_OK;
+}
+}  // namespace bitnet

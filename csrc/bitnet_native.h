@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 6
+#define BITNET_ABI_VERSION 7
 
 enum {
   BITNET_ISA_SCALAR = 0,
@@ -149,6 +149,10 @@ BITNET_API const char* bitnet_block_activation(int code);
  * (a BITNET_KV_* code; see bitnet_attention_step). */
 BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, void* k_cache,
                                     void* v_cache, int kv_dtype, int64_t max_len, const int64_t* pos, int isa);
+/* Whether bitnet_block_forward runs a gated feed-forward of more than 3 tokens fused (gate and up GEMMs
+ * and the activation tile by tile, 1: the default) or unfused (one gate|up GEMM, then the activation, 0).
+ * Both give the same bits; returns the previous setting. For tests and benchmarks. */
+BITNET_API int bitnet_set_fused_gate(int on);
 /* Starts reading the n byte ranges (ptrs[i], lens[i]) into cache on the thread pool's workers and
  * returns at once; the next native call stops it. Meant for the weights of the next call, while the
  * caller does other work (attention, norms in Python). The ranges must stay valid until that call. */

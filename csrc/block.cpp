@@ -4,6 +4,7 @@
 // a set of TQ1 weights), bitnet_attention_step
 // (rotary, KV cache, attention) and bitnet_prefetch_async (next weights into cache meanwhile).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -101,11 +102,17 @@ BITNET_FLOAT_CLONES void add_into(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+// bitnet_set_fused_gate: whether gated I2 blocks of more than 3 tokens run gate, up and the activation
+// fused per tile (bitnet::gated_bitlinear) or as one gate|up GEMM and then the activation (same bits).
+std::atomic<int> g_fused_gate{1};
+
 struct Scratch {
   std::vector<float> qkv, attn, gu, h, y;
 };
 
 }  // namespace
+
+extern "C" int bitnet_set_fused_gate(int on) { return g_fused_gate.exchange(on ? 1 : 0); }
 
 extern "C" const char* bitnet_block_activation(int code) {
   return code >= 0 && code < kActivationCount ? kActivationNames[code] : nullptr;
@@ -130,7 +137,6 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
   thread_local Scratch s;
   s.qkv.resize((size_t)(M * (D + 2 * kvd)));
   s.attn.resize((size_t)(M * D));
-  s.gu.resize((size_t)(M * F * (b.gated ? 2 : 1)));
   s.h.resize((size_t)(M * F));
   s.y.resize((size_t)(M * D));
   int rc;
@@ -143,6 +149,23 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
   if ((rc = run_set(b.o, s.attn.data(), M, b.bits, b.act_eps, b.sub_norm, b.sub_norm_eps, s.y.data(), isa))) return rc;
   add_into(x, s.y.data(), M * D);
   // feed-forward: x += down(post_norm(act(gate(h)) * up(h))), h = ffn_norm(x)
+  const bitnet_linear_set& gu_set = b.gate_up;
+  if (b.gated && gu_set.format == BITNET_WEIGHTS_I2 && M > 3 && g_fused_gate.load(std::memory_order_relaxed)) {
+    // prefill / batched steps: gate, up and the activation per tile (no (M, 2F) gate|up buffer)
+    const int kind = b.activation;
+    rc = bitnet::gated_bitlinear(x, M, D, b.bits, b.act_eps, b.ffn_norm, b.ffn_norm_eps, gu_set.w[0], gu_set.w[1], F,
+                                 gu_set.ldw, *gu_set.scale[0], *gu_set.scale[1], gu_set.bias[0], gu_set.bias[1],
+                                 [kind](const float* g, const float* u, int64_t n, float* h) {
+                                   activate_row(kind, g, u, n, h);
+                                 },
+                                 s.h.data(), isa);
+    if (rc) return rc;
+    if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
+      return rc;
+    add_into(x, s.y.data(), M * D);
+    return BITNET_OK;
+  }
+  s.gu.resize((size_t)(M * F * (b.gated ? 2 : 1)));
   if ((rc = run_set(b.gate_up, x, M, b.bits, b.act_eps, b.ffn_norm, b.ffn_norm_eps, s.gu.data(), isa))) return rc;
   prefetch(b.down);
   const int64_t ldgu = F * (b.gated ? 2 : 1);

@@ -82,21 +82,41 @@ int get_num_threads() {
   return g_nthreads > 0 ? g_nthreads : cpu_count();
 }
 
+namespace {
+
+// Where the 32 values k .. k + 31 (k % 32 == 0: block b = k / 128, quarter q) of a row go in the
+// "pair interleaved" layout (kernels.h).
+inline int64_t interleaved_offset(int64_t k) {
+  const int64_t b = k >> 7, q = (k >> 5) & 3;
+  return 256 * (b >> 1) + 64 * q + 32 * (b & 1);
+}
+
+// sum of the n int8 values at p (vectorised by the compiler)
+int32_t sum_int8(const int8_t* p, int64_t n) {
+  int32_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += p[i];
+  return sum;
+}
+
+}  // namespace
+
 // Copies one int8 row (K values) into the kernel layout (row of ldx bytes, zero padded).
 int32_t place_row(const int8_t* src, int64_t K, int8_t* dst, int64_t ldx, bool interleave) {
   std::memset(dst, 0, (size_t)ldx);
   if (!interleave) {
     std::memcpy(dst, src, (size_t)K);
   } else {
-    for (int64_t s = 0; s < K; s += 32) {     // 32-value chunks: block b, quarter q
-      const int64_t b = s >> 7, q = (s >> 5) & 3;
-      const int64_t d = 256 * (b >> 1) + 64 * q + 32 * (b & 1);
-      std::memcpy(dst + d, src + s, (size_t)std::min<int64_t>(32, K - s));
-    }
+    for (int64_t s = 0; s < K; s += 32)
+      std::memcpy(dst + interleaved_offset(s), src + s, (size_t)std::min<int64_t>(32, K - s));
   }
-  int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) sum += src[k];
-  return sum;
+  return sum_int8(src, K);
+}
+
+int32_t quantize_interleaved(const Kernel& k, const float* x, int64_t K, float s, float lo, float hi, int8_t* dst,
+                             int64_t ldx) {
+  std::memset(dst, 0, (size_t)ldx);
+  for (int64_t c = 0; c < K; c += 32) k.quant(x + c, std::min<int64_t>(32, K - c), s, lo, hi, dst + interleaved_offset(c));
+  return sum_int8(dst, ldx);  // the padding is zero
 }
 
 XBuf& scratch() {
@@ -139,7 +159,41 @@ void run_panel_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, co
   });
 }
 
+// The GEMM of tokens [m0, ..) x weight rows [n0, ..) of a as a GEMM of its own (tokens and rows from 0),
+// writing to out (ldo).
+GemmArgs sub_gemm(const GemmArgs& a, int64_t m0, int64_t n0, int32_t* out, int64_t ldo) {
+  return GemmArgs{a.x + m0 * a.ldx, a.ldx, a.xsum + m0, a.w + n0 * a.ldw, a.ldw, a.nblk, out, ldo};
+}
+
 }  // namespace
+
+void run_gated_gemm(const Kernel& k, const GemmArgs& gate, const Epilogue& gate_e, const GemmArgs& up,
+                    const Epilogue& up_e, int64_t M, int64_t F, XBuf& xb, const GateFn& act, float* h, int64_t ldh) {
+  if (M == 0 || F == 0) return;
+  const bool panel = k.panel && M >= kPanelMinM;
+  if (panel) build_xv(k, xb, M);
+  parallel_tiles(M, F, panel ? kPanelMaxM : 64, 128, panel ? 32 : 8, 4, [&](int64_t m0, int64_t m1, int64_t n0,
+                                                                             int64_t n1) {
+    const int64_t mt = m1 - m0, nt = n1 - n0;
+    thread_local std::vector<float> g, u;  // (mt, nt) each: this tile's gate and up outputs (L2)
+    if ((int64_t)g.size() < mt * nt) { g.resize((size_t)(mt * nt)); u.resize((size_t)(mt * nt)); }
+    const GemmArgs* args[2] = {&gate, &up};
+    const Epilogue* epis[2] = {&gate_e, &up_e};
+    float* outs[2] = {g.data(), u.data()};
+    for (int i = 0; i < 2; ++i) {
+      const GemmArgs a = sub_gemm(*args[i], m0, n0, reinterpret_cast<int32_t*>(outs[i]), nt);
+      const float* xs = epis[i]->x_scale + m0;
+      const float* bias = epis[i]->bias ? epis[i]->bias + n0 : nullptr;
+      if (panel) {
+        k.panel(a, xb.xv.data() + m0 * xb.ldx, PanelEpilogue{xs, epis[i]->w_scale, bias}, 0, mt, 0, nt);
+      } else {
+        k.gemm(a, 0, mt, 0, nt);
+        float_epilogue(a.out, nt, 0, mt, 0, nt, xs, epis[i]->w_scale, nullptr, bias);
+      }
+    }
+    for (int64_t m = 0; m < mt; ++m) act(g.data() + m * nt, u.data() + m * nt, nt, h + (m0 + m) * ldh + n0);
+  });
+}
 
 // Decode (GEMV, M <= 3) of nmat matrices reading the same activations, in one parallel region over row
 // chunks of all of them: ~4 chunks per thread so that a slow core does not hold the others up.

@@ -42,7 +42,6 @@ void parallel_tiles(int64_t M, int64_t N, int64_t MB, int64_t NB, int64_t nb_min
 struct XBuf {
   std::vector<int8_t> x;    // (M, ldx)
   std::vector<int32_t> sum; // (M,)
-  std::vector<int8_t> tmp;  // scratch rows for quantisation into the interleaved layout
   std::vector<int8_t> xv;   // x in the panel kernels' VNNI layout (kernels.h), built on first use
   bool xv_ready = false;
   int64_t ldx = 0;
@@ -52,6 +51,10 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Copies one int8 row (K values) into the kernel layout (row of ldx bytes, zero padded); returns its sum.
 int32_t place_row(const int8_t* src, int64_t K, int8_t* dst, int64_t ldx, bool interleave);
+// k.quant of the K floats x (scale s, clamp [lo, hi]) written straight into the pair-interleaved layout
+// (ldx bytes, zero padded), as k.quant + place_row(..., true) would; returns the sum of the codes.
+int32_t quantize_interleaved(const Kernel& k, const float* x, int64_t K, float s, float lo, float hi, int8_t* dst,
+                             int64_t ldx);
 XBuf& scratch();   // this thread's buffer
 void prepare(XBuf& xb, int64_t M, int64_t K, const Kernel& k);
 
@@ -77,6 +80,12 @@ struct Epilogue {
 void run_decode(const Kernel& k, const GemmArgs* args, const Epilogue* epis, const int64_t* n, int nmat, int64_t M);
 // One GEMM out (M, N) of prepared activations xb: decode, tiled prefill or panel (matrix unit) path.
 void run_gemm(const Kernel& k, const GemmArgs& a, int64_t M, int64_t N, const Epilogue& e, XBuf& xb);
+// Two GEMMs of the same prepared activations xb, gate and up (F rows each, M > 3 tokens), and the gate
+// activation, per tile: h (M, ldh)[m, j] = act(gate[m, j], up[m, j]). Each tile of tokens x features
+// computes both GEMMs into this thread's scratch (in L2) and applies act at once, so the (M, 2F) gate|up
+// output never goes through L3 / DRAM. h is bit for bit run_gemm of each matrix, then act.
+void run_gated_gemm(const Kernel& k, const GemmArgs& gate, const Epilogue& gate_e, const GemmArgs& up,
+                    const Epilogue& up_e, int64_t M, int64_t F, XBuf& xb, const GateFn& act, float* h, int64_t ldh);
 int check_dims(int64_t M, int64_t K, int64_t ldx, int64_t N, int64_t ldw, int64_t ldo);
 // bitnet_matmul_int / bitnet_linear: int8 activations x (M, K) placed in the kernel layout, then run_gemm.
 int matmul_common(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N, int64_t ldw,

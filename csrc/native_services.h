@@ -17,6 +17,17 @@ int64_t decode_row_chunk(int64_t rows);
 void native_rms_norm_row(const float* x, int64_t K, float eps, const float* w, float* y);
 void native_parallel_for(int64_t ntasks, const std::function<void(int64_t)>& fn);
 
+// h[j] = act(g[j], u[j]) for j < n: the gate activation of a gated feed-forward (block.cpp).
+using GateFn = std::function<void(const float* g, const float* u, int64_t n, float* h)>;
+// The gated feed-forward input of a block, for M > 3 tokens: x (M, K) RMS-normalised by norm_weight and
+// quantised once (as bitnet_bitlinear_multi), the I2 matrices gate and up (F rows each, ldw bytes per
+// row, scales, biases or null), then h (M, F) = act(gate, up), fused per tile (driver.h: run_gated_gemm).
+// Bit for bit bitnet_bitlinear_multi of the two matrices followed by act; BITNET_EINVAL on bad arguments.
+int gated_bitlinear(const float* x, int64_t M, int64_t K, int bits, float eps, const float* norm_weight,
+                    float norm_eps, const uint8_t* gate, const uint8_t* up, int64_t F, int64_t ldw, float gate_scale,
+                    float up_scale, const float* gate_bias, const float* up_bias, const GateFn& act, float* h,
+                    int isa);
+
 // The float epilogue of every linear, in place over out[m0:m1, n0:n1] (int32 accumulators in, float32 out):
 //   y = acc * w / x_scale[m] (+ bias[n]),  w = w_scale_n[n] (per output row) or w_scale when w_scale_n is null
 // evaluated in this order in float32, as the torch reference does.

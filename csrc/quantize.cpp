@@ -21,15 +21,19 @@ float act_scale(float amax, float eps, int qp) {
   return r * (float)qp;
 }
 
-// sum_k x[k]^2 in float64 (each square is exact), in 8 interleaved partial sums added pairwise: a fixed
-// order (the same result on every ISA and thread count) without one long chain of dependent adds.
+// sum_k x[k]^2 in float64 (each square is exact), in 32 interleaved partial sums (acc[l] takes k = l mod 32)
+// added pairwise (l + 16, then + 8, 4, 2, 1): a fixed order (the same result on every ISA and thread
+// count) with 4 independent chains of 8-double vectors, not one long chain of dependent adds.
 BITNET_FLOAT_CLONES double sum_squares(const float* x, int64_t K) {
-  double acc[8] = {};
+  constexpr int kParts = 32;
+  double acc[kParts] = {};
   int64_t i = 0;
-  for (; i + 8 <= K; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += (double)x[i + l] * (double)x[i + l];
+  for (; i + kParts <= K; i += kParts)
+    for (int l = 0; l < kParts; ++l) acc[l] += (double)x[i + l] * (double)x[i + l];
   for (int l = 0; i < K; ++i, ++l) acc[l] += (double)x[i] * (double)x[i];
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  for (int w = kParts / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
 }
 
 // Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
@@ -69,8 +73,6 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
   prepare(xb, M, K, k);
   const int qp = (1 << (bits - 1)) - 1;
   const bool inter = k.pair_interleave != 0;
-  if (inter && (int64_t)xb.tmp.size() < M * K) xb.tmp.resize((size_t)(M * K));
-  int8_t* tmp_all = xb.tmp.data();
   for_tokens(M, K, [&](int64_t m0, int64_t m1) {
     std::vector<float> normed(norm_weight ? (size_t)K : 0);
     for (int64_t m = m0; m < m1; ++m) {
@@ -95,9 +97,7 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
         for (int64_t i = 0; i < K; ++i) sum += dst[i];
         xb.sum[m] = sum;
       } else {
-        int8_t* t = tmp_all + m * K;
-        k.quant(xr, K, s, (float)(-qp - 1), (float)qp, t);
-        xb.sum[m] = place_row(t, K, dst, xb.ldx, true);
+        xb.sum[m] = quantize_interleaved(k, xr, K, s, (float)(-qp - 1), (float)qp, dst, xb.ldx);
       }
     }
   });

@@ -311,6 +311,47 @@ def test_gate_at_extreme_values_and_a_prefill_over_the_pool(isa, activation):
     assert torch.equal(one[:, 0], fused[:, 0])         # the first row alone, on this thread: bit for bit
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_gate_equals_the_unfused_gate_bit_for_bit(isa, activation, threads):
+    """Gated feed-forwards of more than 3 tokens run gate, up and the activation tile by tile
+    (``set_fused_gate``): logits and KV caches are bit for bit those of one gate|up GEMM followed by the
+    activation, for prompts of 4..200 tokens (one and several 128-token panels, partial 16-token groups)
+    and a hidden size (345) that is no multiple of the tiles; one-token steps never take that path."""
+    torch.manual_seed(7)
+    m = bitnet.pack(BitNetTransformer(num_tokens=VOCAB, dim=128, depth=2, heads=8, kv_heads=2, ff_mult=2.7,
+                                      max_seq_len=256, activation=activation).eval())
+    assert m.layers[0].ffn.gate.out_features == 345
+    old_threads = native.get_num_threads()
+    native.set_num_threads(threads)
+    try:
+        for T in (4, 5, 8, 17, 40, 130, 200):
+            tokens = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(T))
+            runs = {}
+            for fused in (True, False):
+                native.set_fused_gate(fused)
+                caches = m.new_caches(1, 256)
+                calls = native_block_calls()
+                with torch.no_grad():
+                    logits = m(tokens, caches=caches, start_pos=0)
+                    step = m(tokens[:, :1], caches=caches, start_pos=T)
+                assert native_block_calls() - calls == 4          # both blocks, both calls: native
+                runs[fused] = (logits, step, [t[:, :, :T + 1].clone() for c in caches for t in (c.k, c.v)])
+            (lf, sf, kf), (lu, su, ku) = runs[True], runs[False]
+            assert torch.equal(lf, lu), T
+            assert torch.equal(sf, su), T
+            assert all(torch.equal(a, b) for a, b in zip(kf, ku)), T
+    finally:
+        native.set_fused_gate(True)
+        native.set_num_threads(old_threads)
+
+
+def test_set_fused_gate_returns_the_previous_setting():
+    assert native.set_fused_gate(False) is True
+    assert native.set_fused_gate(True) is False
+    assert native.set_fused_gate(True) is True
+
+
 # ------------------------------------------------------------------------------------------------
 # Float16 KV caches: the native blocks read and write them in place, as the module path's KVCache does
 

@@ -32,7 +32,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -74,6 +74,7 @@ SIGNATURES = {
     "bitnet_prefetch_async": ([_I, _P, _P], _I),
     "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _I, _I64, _P, _I], _I),
     "bitnet_block_activation": ([_I], ctypes.c_char_p),
+    "bitnet_set_fused_gate": ([_I], _I),
     "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I, _I64, _P, _P], _I),
     "bitnet_kv_dtype_name": ([_I], ctypes.c_char_p),
     "bitnet_prefetch_wait": ([], None),
@@ -254,6 +255,13 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     return int(_need().bitnet_get_num_threads())
+
+
+def set_fused_gate(on: bool) -> bool:
+    """Whether the native blocks run a gated feed-forward of more than 3 tokens fused (gate and up GEMMs
+    and the activation tile by tile: the default) or as one gate|up GEMM followed by the activation.
+    Both give the same bits (tests compare them); returns the previous setting."""
+    return bool(_need().bitnet_set_fused_gate(1 if on else 0))
 
 
 def cpu_name() -> str:

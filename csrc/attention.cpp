@@ -351,12 +351,12 @@ inline void attend_one(const float* q, const half_t* kc, const half_t* vc, int64
 constexpr int kQB = 16;  // queries per block: one 16-float vector per key and per head dimension
 
 struct BlockScratch {
-  std::vector<float> qt, st, ot;  // (hd, kQB) queries, (n, kQB) scores / weights, (hd, kQB) outputs
+  std::vector<float> qt, st;  // (hd, kQB) queries, (n, kQB) scores / weights
 };
 
 // Queries q[i] (i < nq <= kQB, hd floats each) of one head against cached keys/values (rows of hd):
 // query i sees keys 0 .. last[i]. out[i] = softmax(q k^T * scale) v. Every vector has one lane per
-// query, so that no horizontal sums are needed: S^T (n, 16) = K Q^T, then O^T (hd, 16) = V^T P^T.
+// query, so that no horizontal sums are needed: S^T (n, 16) = K Q^T; then O = P V, vectorised across d.
 template <typename E>
 __attribute__((always_inline)) inline void attend_block_body(const float* const* q, int nq, const int64_t* last,
                                                              const E* kc, const E* vc, int64_t hd, float scale,
@@ -365,10 +365,8 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
   for (int i = 0; i < nq; ++i) n = std::max(n, last[i] + 1);
   sc.qt.assign((size_t)(hd * kQB), 0.0f);
   if ((int64_t)sc.st.size() < n * kQB) sc.st.resize((size_t)(n * kQB));
-  if ((int64_t)sc.ot.size() < hd * kQB) sc.ot.resize((size_t)(hd * kQB));
   float* qt = sc.qt.data();
   float* st = sc.st.data();
-  float* ot = sc.ot.data();
   float lim[kQB];
   for (int i = 0; i < kQB; ++i) lim[i] = i < nq ? (float)last[i] : -1.0f;
   for (int i = 0; i < nq; ++i)
@@ -419,39 +417,34 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
       st[j * kQB + i] = w;
       sum[i] += w;
     }
-  // O^T[d][i] = sum_j w[j][i] v_j[d], 4 dimensions at a time
-  int64_t d = 0;
-  for (; d + 4 <= hd; d += 4) {
-    float a0[kQB] = {}, a1[kQB] = {}, a2[kQB] = {}, a3[kQB] = {};
-    for (j = 0; j < n; ++j) {
-      const float* w = st + j * kQB;
-      const E* v = vc + j * hd + d;
-      const float v0 = load(v), v1 = load(v + 1), v2 = load(v + 2), v3 = load(v + 3);
-      for (int i = 0; i < kQB; ++i) {
-        a0[i] = __builtin_fmaf(w[i], v0, a0[i]);
-        a1[i] = __builtin_fmaf(w[i], v1, a1[i]);
-        a2[i] = __builtin_fmaf(w[i], v2, a2[i]);
-        a3[i] = __builtin_fmaf(w[i], v3, a3[i]);
+  // O[i][d] = sum_j w[j][i] v_j[d] (one fma chain per output, over j in order), then * (1 / sum[i]):
+  // vectorised across d, kOutQ queries x kOutD dimensions at a time, so each key's values are read as
+  // one contiguous row and every vector accumulator has its own chain.
+  constexpr int kOutQ = 4, kOutD = 64;
+  for (int i0 = 0; i0 < nq; i0 += kOutQ) {
+    const int ni = std::min(kOutQ, nq - i0);
+    for (int64_t d0 = 0; d0 < hd; d0 += kOutD) {
+      const int64_t nd = std::min<int64_t>(kOutD, hd - d0);
+      float a[kOutQ][kOutD] = {};
+      if (nd == kOutD) {
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const float* w = st + jj * kQB + i0;
+          const E* v = vc + jj * hd + d0;
+#pragma GCC unroll 4
+          for (int r = 0; r < kOutQ; ++r)
+            for (int dd = 0; dd < kOutD; ++dd) a[r][dd] = __builtin_fmaf(w[r], load(v + dd), a[r][dd]);
+        }
+      } else {
+        for (int64_t jj = 0; jj < n; ++jj)
+          for (int r = 0; r < kOutQ; ++r)
+            for (int64_t dd = 0; dd < nd; ++dd)
+              a[r][dd] = __builtin_fmaf(st[jj * kQB + i0 + r], load(vc + jj * hd + d0 + dd), a[r][dd]);
+      }
+      for (int r = 0; r < ni; ++r) {
+        const float inv = 1.0f / sum[i0 + r];
+        for (int64_t dd = 0; dd < nd; ++dd) out[i0 + r][d0 + dd] = a[r][dd] * inv;
       }
     }
-    for (int i = 0; i < kQB; ++i) {
-      ot[d * kQB + i] = a0[i];
-      ot[(d + 1) * kQB + i] = a1[i];
-      ot[(d + 2) * kQB + i] = a2[i];
-      ot[(d + 3) * kQB + i] = a3[i];
-    }
-  }
-  for (; d < hd; ++d) {
-    float a0[kQB] = {};
-    for (j = 0; j < n; ++j) {
-      const float v0 = load(vc + j * hd + d);
-      for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(st[j * kQB + i], v0, a0[i]);
-    }
-    for (int i = 0; i < kQB; ++i) ot[d * kQB + i] = a0[i];
-  }
-  for (int i = 0; i < nq; ++i) {
-    const float inv = 1.0f / sum[i];
-    for (d = 0; d < hd; ++d) out[i][d] = ot[d * kQB + i] * inv;
   }
 }
 

@@ -106,6 +106,16 @@ BITNET_FLOAT_CLONES void add_into(float* x, const float* y, int64_t n) {
 // fused per tile (bitnet::gated_bitlinear) or as one gate|up GEMM and then the activation (same bits).
 std::atomic<int> g_fused_gate{1};
 
+// The residual add x (M, D) += y (M, D); from kParallelActivationRows rows on, over the thread pool.
+void add_residual(float* x, const float* y, int64_t M, int64_t D) {
+  if (M < kParallelActivationRows) return add_into(x, y, M * D);
+  const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  bitnet::native_parallel_for((M + rows - 1) / rows, [&](int64_t t) {
+    const int64_t m0 = t * rows, m1 = std::min(M, m0 + rows);
+    add_into(x + m0 * D, y + m0 * D, (m1 - m0) * D);
+  });
+}
+
 struct Scratch {
   std::vector<float> qkv, attn, gu, h, y;
 };
@@ -147,7 +157,7 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
                                   b.table_len, k_cache, v_cache, kv_dtype, max_len, pos, s.attn.data())))
     return rc;
   if ((rc = run_set(b.o, s.attn.data(), M, b.bits, b.act_eps, b.sub_norm, b.sub_norm_eps, s.y.data(), isa))) return rc;
-  add_into(x, s.y.data(), M * D);
+  add_residual(x, s.y.data(), M, D);
   // feed-forward: x += down(post_norm(act(gate(h)) * up(h))), h = ffn_norm(x)
   const bitnet_linear_set& gu_set = b.gate_up;
   if (b.gated && gu_set.format == BITNET_WEIGHTS_I2 && M > 3 && g_fused_gate.load(std::memory_order_relaxed)) {
@@ -162,7 +172,7 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
     if (rc) return rc;
     if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
       return rc;
-    add_into(x, s.y.data(), M * D);
+    add_residual(x, s.y.data(), M, D);
     return BITNET_OK;
   }
   s.gu.resize((size_t)(M * F * (b.gated ? 2 : 1)));
@@ -182,6 +192,6 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
   });
   if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
     return rc;
-  add_into(x, s.y.data(), M * D);
+  add_residual(x, s.y.data(), M, D);
   return BITNET_OK;
 }

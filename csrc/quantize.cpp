@@ -49,9 +49,43 @@ BITNET_FLOAT_CLONES bool row_nonfinite(const float* x, int64_t K) {
   return bad != 0;
 }
 
+// r = 1 / sqrt(mean_k x[k]^2 + eps): the RMSNorm factor of one row (sum of squares in float64)
+float rms_factor(const float* x, int64_t K, float eps) {
+  return 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
+}
+
 // y[i] = (x[i] * r) * w[i]: RMSNorm's scaling of one row by its factor r and the norm weight
 BITNET_FLOAT_CLONES void scale_row(const float* x, float r, const float* w, int64_t K, float* y) {
   for (int64_t i = 0; i < K; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+// The largest bit pattern of |v[i]| (sign bit cleared) as uint32. Non-negative floats order as their
+// bit patterns do, so for a finite row this is max |v[i]| bit for bit (what every kernel's absmax
+// returns), and it is >= 0x7f800000 exactly when some v[i] is infinite or NaN (row_nonfinite): one
+// integer max reduction, which the compiler vectorises, for both.
+BITNET_FLOAT_CLONES uint32_t abs_bits_max(const float* v, int64_t K) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    uint32_t u;
+    std::memcpy(&u, v + i, 4);
+    u &= 0x7fffffffu;
+    m = u > m ? u : m;
+  }
+  return m;
+}
+
+// scale_row (y[i] = (x[i] * r) * w[i]) and abs_bits_max of y in one pass.
+BITNET_FLOAT_CLONES uint32_t scale_row_abs_bits_max(const float* x, float r, const float* w, int64_t K, float* y) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    const float v = (x[i] * r) * w[i];
+    y[i] = v;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    m = u > m ? u : m;
+  }
+  return m;
 }
 
 // Scale of a non-finite row, as bitnet.quant.activation_quant_int8 computes it: Qp / max|x| is NaN
@@ -77,18 +111,23 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
     std::vector<float> normed(norm_weight ? (size_t)K : 0);
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * ldx;
-      if (norm_weight) {
-        native_rms_norm_row(xr, K, norm_eps, norm_weight, normed.data());
+      uint32_t amax_bits;  // |x| max and non-finite check in one pass (abs_bits_max)
+      if (norm_weight) {   // native_rms_norm_row, fused with that pass
+        amax_bits = scale_row_abs_bits_max(xr, rms_factor(xr, K, norm_eps), norm_weight, K, normed.data());
         xr = normed.data();
+      } else {
+        amax_bits = abs_bits_max(xr, K);
       }
       int8_t* dst = xb.x.data() + m * xb.ldx;
-      if (row_nonfinite(xr, K)) {            // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+      if (amax_bits >= 0x7f800000u) {        // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
         xs[m] = nonfinite_scale(xr, K);
         std::memset(dst, 0, (size_t)xb.ldx);
         xb.sum[m] = 0;
         continue;
       }
-      const float s = act_scale(k.absmax(xr, K), eps, qp);
+      float amax;
+      std::memcpy(&amax, &amax_bits, 4);
+      const float s = act_scale(amax, eps, qp);
       xs[m] = s;
       if (!inter) {
         k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
@@ -122,8 +161,7 @@ void quantize_act(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t
 
 // The RMSNorm of one row (native_services.h): r = 1 / sqrt(mean_k x[k]^2 + eps), y = (x * r) * w.
 void native_rms_norm_row(const float* x, int64_t K, float eps, const float* w, float* y) {
-  const float r = 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
-  scale_row(x, r, w, K, y);
+  scale_row(x, rms_factor(x, K, eps), w, K, y);
 }
 
 }  // namespace bitnet

@@ -26,7 +26,7 @@ namespace {
 // Rotate-half (NEOX) rotary embedding of one head at one position, in place, in the operation order
 // of bitnet.nn.RotaryEmbedding.rotate (x * cos + rotate_half(x) * sin), so results match bit for bit:
 //   x[i]     <- x[i] * cos[i] + (-x[i+h]) * sin[i],    x[i+h] <- x[i+h] * cos[i+h] + x[i] * sin[i+h]
-void rope(float* x, int64_t hd, const float* c, const float* s) {
+BITNET_FLOAT_CLONES void rope(float* x, int64_t hd, const float* c, const float* s) {
   const int64_t h = hd / 2;
   for (int64_t i = 0; i < h; ++i) {
     const float a = x[i], b = x[i + h];

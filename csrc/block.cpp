@@ -170,26 +170,24 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
                                  },
                                  s.h.data(), isa);
     if (rc) return rc;
-    if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
-      return rc;
-    add_residual(x, s.y.data(), M, D);
-    return BITNET_OK;
+  } else {
+    s.gu.resize((size_t)(M * F * (b.gated ? 2 : 1)));
+    if ((rc = run_set(b.gate_up, x, M, b.bits, b.act_eps, b.ffn_norm, b.ffn_norm_eps, s.gu.data(), isa))) return rc;
+    prefetch(b.down);
+    const int64_t ldgu = F * (b.gated ? 2 : 1);
+    // Prefill-sized M: rows over the pool (which cancels the prefetch of `down`: the tiled GEMM that
+    // follows is compute bound). Decode: on this thread, while the prefetch streams `down` into cache.
+    const int64_t rows_per_task =
+        M >= kParallelActivationRows ? std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)) : M;
+    const float* gu = s.gu.data();  // s is thread_local: the pool's workers must not name it
+    float* h = s.h.data();
+    bitnet::native_parallel_for((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
+      for (int64_t m = t * rows_per_task; m < std::min(M, (t + 1) * rows_per_task); ++m) {
+        const float* g = gu + m * ldgu;
+        activate_row(b.activation, g, b.gated ? g + F : nullptr, F, h + m * F);
+      }
+    });
   }
-  s.gu.resize((size_t)(M * F * (b.gated ? 2 : 1)));
-  if ((rc = run_set(b.gate_up, x, M, b.bits, b.act_eps, b.ffn_norm, b.ffn_norm_eps, s.gu.data(), isa))) return rc;
-  prefetch(b.down);
-  const int64_t ldgu = F * (b.gated ? 2 : 1);
-  // Prefill-sized M: rows over the pool (which cancels the prefetch of `down`: the tiled GEMM that
-  // follows is compute bound). Decode: on this thread, while the prefetch streams `down` into cache.
-  const int64_t rows_per_task = M >= kParallelActivationRows ? std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)) : M;
-  const float* gu = s.gu.data();  // s is thread_local: the pool's workers must not name it
-  float* h = s.h.data();
-  bitnet::native_parallel_for((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
-    for (int64_t m = t * rows_per_task; m < std::min(M, (t + 1) * rows_per_task); ++m) {
-      const float* g = gu + m * ldgu;
-      activate_row(b.activation, g, b.gated ? g + F : nullptr, F, h + m * F);
-    }
-  });
   if ((rc = run_set(b.down, s.h.data(), M, b.bits, b.act_eps, b.post_norm, b.post_norm_eps, s.y.data(), isa)))
     return rc;
   add_residual(x, s.y.data(), M, D);

@@ -5,6 +5,7 @@
 #include "float_clones.h"
 #include "native_services.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -36,19 +37,6 @@ BITNET_FLOAT_CLONES double sum_squares(const float* x, int64_t K) {
   return acc[0];
 }
 
-// Whether row x[0..K) holds a NaN or an infinity (all exponent bits set). The kernels' absmax skips NaN,
-// so this is the check that keeps a non-finite row from being quantised as if it were finite: an
-// integer OR-reduction over a row the absmax has just read (in L1), vectorised by the compiler.
-BITNET_FLOAT_CLONES bool row_nonfinite(const float* x, int64_t K) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, 4);
-    bad |= (u & 0x7f800000u) == 0x7f800000u;
-  }
-  return bad != 0;
-}
-
 // r = 1 / sqrt(mean_k x[k]^2 + eps): the RMSNorm factor of one row (sum of squares in float64)
 float rms_factor(const float* x, int64_t K, float eps) {
   return 1.0f / std::sqrt((float)(sum_squares(x, K) / (double)K) + eps);
@@ -59,18 +47,22 @@ BITNET_FLOAT_CLONES void scale_row(const float* x, float r, const float* w, int6
   for (int64_t i = 0; i < K; ++i) y[i] = (x[i] * r) * w[i];
 }
 
-// The largest bit pattern of |v[i]| (sign bit cleared) as uint32. Non-negative floats order as their
-// bit patterns do, so for a finite row this is max |v[i]| bit for bit (what every kernel's absmax
-// returns), and it is >= 0x7f800000 exactly when some v[i] is infinite or NaN (row_nonfinite): one
-// integer max reduction, which the compiler vectorises, for both.
+// The bit pattern of |v| (sign bit cleared) as uint32.
+inline uint32_t abs_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x7fffffffu;
+}
+
+// The largest abs_bits of v[0..K). Non-negative floats order as their bit patterns do, so for a finite
+// row this is max |v[i]| bit for bit (what every kernel's absmax returns), and it is >= kNonFiniteBits
+// (all exponent bits set) exactly when some v[i] is infinite or NaN: the non-finite check and the absmax
+// in one integer max reduction, which the compiler vectorises. (The kernels' absmax skips NaN, so this
+// is the check that keeps a non-finite row from being quantised as if it were finite.)
+constexpr uint32_t kNonFiniteBits = 0x7f800000u;
 BITNET_FLOAT_CLONES uint32_t abs_bits_max(const float* v, int64_t K) {
   uint32_t m = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    uint32_t u;
-    std::memcpy(&u, v + i, 4);
-    u &= 0x7fffffffu;
-    m = u > m ? u : m;
-  }
+  for (int64_t i = 0; i < K; ++i) m = std::max(m, abs_bits(v[i]));
   return m;
 }
 
@@ -78,14 +70,17 @@ BITNET_FLOAT_CLONES uint32_t abs_bits_max(const float* v, int64_t K) {
 BITNET_FLOAT_CLONES uint32_t scale_row_abs_bits_max(const float* x, float r, const float* w, int64_t K, float* y) {
   uint32_t m = 0;
   for (int64_t i = 0; i < K; ++i) {
-    const float v = (x[i] * r) * w[i];
-    y[i] = v;
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    u &= 0x7fffffffu;
-    m = u > m ? u : m;
+    y[i] = (x[i] * r) * w[i];
+    m = std::max(m, abs_bits(y[i]));
   }
   return m;
+}
+
+// max |x| of a finite row from its abs_bits_max
+inline float abs_max_of(uint32_t bits) {
+  float a;
+  std::memcpy(&a, &bits, 4);
+  return a;
 }
 
 // Scale of a non-finite row, as bitnet.quant.activation_quant_int8 computes it: Qp / max|x| is NaN
@@ -119,15 +114,13 @@ void quantize_rows(const Kernel& k, const float* x, int64_t M, int64_t K, int64_
         amax_bits = abs_bits_max(xr, K);
       }
       int8_t* dst = xb.x.data() + m * xb.ldx;
-      if (amax_bits >= 0x7f800000u) {        // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+      if (amax_bits >= kNonFiniteBits) {     // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
         xs[m] = nonfinite_scale(xr, K);
         std::memset(dst, 0, (size_t)xb.ldx);
         xb.sum[m] = 0;
         continue;
       }
-      float amax;
-      std::memcpy(&amax, &amax_bits, 4);
-      const float s = act_scale(amax, eps, qp);
+      const float s = act_scale(abs_max_of(amax_bits), eps, qp);
       xs[m] = s;
       if (!inter) {
         k.quant(xr, K, s, (float)(-qp - 1), (float)qp, dst);
@@ -147,12 +140,13 @@ void quantize_act(const Kernel& k, const float* x, int64_t M, int64_t K, int64_t
   const int qp = (1 << (bits - 1)) - 1;
   for_tokens(M, K, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      if (row_nonfinite(x + m * ldx, K)) {   // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
+      const uint32_t amax_bits = abs_bits_max(x + m * ldx, K);
+      if (amax_bits >= kNonFiniteBits) {     // NaN / inf row: codes 0, scale NaN or 0 (see nonfinite_scale)
         scale[m] = nonfinite_scale(x + m * ldx, K);
         std::memset(xq + m * ldq, 0, (size_t)K);
         continue;
       }
-      const float s = act_scale(k.absmax(x + m * ldx, K), eps, qp);
+      const float s = act_scale(abs_max_of(amax_bits), eps, qp);
       scale[m] = s;
       k.quant(x + m * ldx, K, s, (float)(-qp - 1), (float)qp, xq + m * ldq);
     }

@@ -108,6 +108,15 @@ void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int
   }
 }
 
+// The output lines a block of tokens writes after its last chunk (rows: tokens [m, m + mrows) of out,
+// `lines` 64-byte lines from column n0 each), fetched for writing during that chunk's tile products so
+// that the stores of store_tile do not wait for the lines' read-for-ownership. Empty: base == nullptr.
+struct OutLines {
+  const int32_t* base = nullptr;
+  int64_t ldo = 0;
+  int mrows = 0, lines = 0;
+};
+
 // Adds to the C' tiles of NA x 16 weight rows and NB x 16 tokens the products over `steps` k steps
 // (codes: one chunk, see unpack_pairs; xv_k: the activations of the chunk's first step for the first
 // token group of 16; the next group follows at 16 * ldx). The accumulators start from zero (zero),
@@ -115,7 +124,7 @@ void store_tile(const GemmArgs& a, const PanelEpilogue& e, const int32_t* c, int
 // `store`, else they stay in the tile registers for the next chunk.
 template <int NA, int NB>
 void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int8_t* xv_next, bool prefetch,
-                int64_t steps, bool zero, bool load, bool store, int32_t* c) {
+                int64_t steps, bool zero, bool load, bool store, int32_t* c, const OutLines& out) {
   if (zero) {
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
@@ -147,6 +156,11 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int
     if (NB > 1) _tile_dpbusd(1, 4, 7);
     if (NA > 1) _tile_dpbusd(2, 5, 6);
     if (NA > 1 && NB > 1) _tile_dpbusd(3, 5, 7);
+    if (out.base) {  // this step's share of the output lines (written inline: GCC drops a call that only prefetches)
+      const int per = (int)((out.mrows + steps - 1) / steps);
+      for (int j = (int)s * per; j < std::min<int>(out.mrows, ((int)s + 1) * per); ++j)
+        for (int l = 0; l < out.lines; ++l) _mm_prefetch((const char*)(out.base + j * out.ldo + 16 * l), _MM_HINT_ET0);
+    }
   }
   if (store) {
     _tile_stored(0, c, 64);
@@ -175,8 +189,10 @@ void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int
                                           : nullptr;
       int32_t* cm = c + 1024 * ((m - m0) / 32);
       const bool load = !first && !one, store = last || !one;
-      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm);
-      else tile_steps<NA, 1>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm);
+      OutLines out;
+      if (last) out = OutLines{a.out + m * a.ldo + n0, a.ldo, (int)std::min<int64_t>(32, m1 - m), (int)((n1 - n0 + 15) / 16)};
+      if (m + 16 < m1) tile_steps<NA, 2>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm, out);
+      else tile_steps<NA, 1>(codes, a.ldx, xv_k, xv_next, !one, 4 * (p1 - p0), first, load, store, cm, out);
     }
   }
   for (int64_t m = m0; m < m1; m += 32) {

@@ -34,7 +34,10 @@ def threads(request):
 
 @pytest.mark.parametrize("m,k,n", [(7, 256, 16), (8, 300, 17), (15, 256, 16), (16, 128, 16), (16, 1, 1), (17, 131, 70), (31, 640, 33),
                                    (32, 2560, 48), (33, 384, 15), (129, 257, 130), (200, 1000, 257),
-                                   (300, 129, 31)])
+                                   (300, 129, 31),
+                                   # an odd last pair of I2 blocks, then the task's next panel (its first chunk
+                                   # is unpacked during the last one): one block of tokens, several, 27 pairs
+                                   (20, 640, 70), (64, 1200, 90), (130, 6912, 40)])
 def test_amx_matmul_exact(threads, m, k, n):
     x_q, wp = make(m, k, n, seed=m * 131 + k * 7 + n)
     assert torch.equal(native.matmul_int(x_q, wp, k, isa="amx"), ternary_matmul_reference(x_q, wp, k))

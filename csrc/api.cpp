@@ -1,5 +1,6 @@
 // The C ABI of the native backend (see bitnet_native.h): thin entry points over the ISA resolver (isa.cpp),
 // the driver (driver.cpp) and the quantiser (quantize.cpp); the struct layout table the loader checks.
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstring>
@@ -77,15 +78,20 @@ double bitnet_isa_peak_gmacs(int isa) {
   Kernel k;
   if (resolve_isa(isa, &k) || !k.peak) return 0.0;
   k.peak(1000);  // warm up (AMX: first use of the tile state)
-  int64_t macs = 0, iters = 1000;
-  const auto t0 = std::chrono::steady_clock::now();
-  double s = 0.0;
-  while (s < 0.02) {
-    macs += k.peak(iters);
-    iters *= 2;
-    s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // the best of 5 windows of >= 10 ms: on a shared machine a single window is often cut by other work
+  double best = 0.0;
+  for (int window = 0; window < 5; ++window) {
+    int64_t macs = 0, iters = 1000;
+    const auto t0 = std::chrono::steady_clock::now();
+    double s = 0.0;
+    while (s < 0.01) {
+      macs += k.peak(iters);
+      iters *= 2;
+      s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    best = std::max(best, (double)macs / s / 1e9);
   }
-  return (double)macs / s / 1e9;
+  return best;
 }
 
 int bitnet_matmul_int(const int8_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N, int64_t ldw,

@@ -64,4 +64,5 @@ inline __m128i _mm_shuffle_epi32(__m128i a, int imm) {
 inline int _mm_cvtsi128_si32(__m128i a) { int32_t x; std::memcpy(&x, &a, 4); return x; }
 inline void _mm_pause() {}
 #define _MM_HINT_T0 3
+#define _MM_HINT_T1 2
 inline void _mm_prefetch(const char*, int) {}

@@ -21,6 +21,7 @@ struct Int8Args {
   int32_t* out;       // (M, ldo)
   int64_t ldo;
   const int8_t* xv = nullptr;  // AMX only: x in the VNNI B-tile layout (int8_amx_layout_x), or null
+  const int32_t* xsum = nullptr;  // AVX-512 VNNI only: (M,) sum_k x[m, k]
 };
 
 // Computes out[m0:m1, n0:n1].
@@ -29,6 +30,10 @@ typedef void (*int8_gemm_fn)(const Int8Args& a, int64_t m0, int64_t m1, int64_t 
 void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #if defined(BITNET_HAVE_AVX2)
 void int8_gemm_avx2(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+#endif
+#if defined(BITNET_HAVE_AVX512VNNI)
+// AVX-512 VNNI (int8_avx512vnni.cpp). Needs a.xsum.
+void int8_gemm_avx512vnni(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #endif
 #if defined(BITNET_HAVE_AMX)
 // AMX-INT8 (int8_amx.cpp). Uses a.xv when set and m0 % 16 == 0, else lays out x[m0:m1] itself.

@@ -113,10 +113,14 @@ Kernel kernel_for(int isa) {
   }
 }
 
-// The int8 GEMM of an ISA (AMX-INT8 on amx; the AVX2 one serves the other x86 vector ISAs; scalar elsewhere).
+// The int8 GEMM of an ISA (AMX-INT8 on amx, AVX-512 VNNI on avx512vnni; the AVX2 one serves AVX2 and
+// AVX-VNNI; scalar elsewhere).
 int8_gemm_fn int8_kernel_for(int isa) {
 #if defined(BITNET_HAVE_AMX)
   if (isa == BITNET_ISA_AMX) return int8_gemm_amx;
+#endif
+#if defined(BITNET_HAVE_AVX512VNNI)
+  if (isa == BITNET_ISA_AVX512VNNI) return int8_gemm_avx512vnni;
 #endif
 #if defined(BITNET_HAVE_AVX2)
   if (isa == BITNET_ISA_AVX2 || isa == BITNET_ISA_AVXVNNI || isa == BITNET_ISA_AVX512VNNI || isa == BITNET_ISA_AMX)

@@ -37,6 +37,36 @@ def test_int8_linear_exact(m, k, n, bias, seed, isa):
     assert torch.equal(I.int8_linear(x, w_q, w_s, b, isa=isa), I.reference_linear(x, w_q, w_s, b))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 4), (2, 63, 5), (3, 65, 3), (4, 128, 8), (5, 127, 9),
+                                   (16, 2560, 48), (17, 2561, 301), (33, 129, 7), (8, 4099, 4)])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_int8_matmul_tile_edges(m, k, n, isa, nthreads):
+    """Multiples and tails of the 64-byte K step, the 4-token and 4-row register tiles (AVX-512 VNNI:
+    the masked K tail and the unsigned-weight correction), threaded and not."""
+    g = torch.Generator().manual_seed(m * 7919 + k * 31 + n)
+    x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    before = _cpu.get_num_threads()
+    _cpu.set_num_threads(nthreads)
+    try:
+        got = I.int8_matmul_int(x, w, isa=isa)
+    finally:
+        _cpu.set_num_threads(before)
+    assert torch.equal(got, I.reference_matmul_int(x, w))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_extremes_every_isa(isa):
+    """-128 x -128 everywhere (the largest sums), and +127 weights against -128 activations."""
+    k = 4099
+    x = torch.full((6, k), -128, dtype=torch.int8)
+    w = torch.full((9, k), -128, dtype=torch.int8)
+    assert torch.equal(I.int8_matmul_int(x, w, isa=isa), torch.full((6, 9), 128 * 128 * k, dtype=torch.int32))
+    w[::2] = 127
+    assert torch.equal(I.int8_matmul_int(x, w, isa=isa), I.reference_matmul_int(x, w))
+
+
 def test_extremes_and_large_gemv():
     k = 4099
     x = torch.full((3, k), -128, dtype=torch.int8)

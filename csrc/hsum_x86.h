@@ -1,4 +1,4 @@
-// Horizontal sum of the 8 int32 lanes of a 256-bit vector, shared by the x86 kernels. Each kernel file
+// Horizontal sums of the int32 lanes of a 256-bit (and 512-bit) vector, shared by the x86 kernels. Each kernel file
 // is compiled with its own ISA flags: the anonymous namespace gives every file its own copy.
 #pragma once
 #include <immintrin.h>
@@ -14,6 +14,13 @@ inline int32_t hsum(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
 }
+
+#if defined(__AVX512F__) || defined(BITNET_EMULATE)
+// The 16 int32 lanes of a 512-bit vector (files compiled with AVX-512, or against csrc/emu).
+inline int32_t hsum(__m512i v) {
+  return hsum(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
+}
+#endif
 
 }  // namespace
 }  // namespace bitnet

@@ -46,7 +46,7 @@ void run(int8_gemm_fn g, const Int8Args& a0, int64_t M, int64_t N, const Epi& e)
     a.xv = xv.data();
   }
 #endif
-#if defined(BITNET_HAVE_AVX512VNNI)
+#if defined(BITNET_HAVE_INT8_AVX512VNNI)
   thread_local std::vector<int32_t> xsum;  // AVX-512 VNNI: sum_k x[m, k], the unsigned-operand correction
   if (g == int8_gemm_avx512vnni) {
     xsum.resize((size_t)M);

@@ -31,7 +31,7 @@ void int8_gemm_scalar(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int
 #if defined(BITNET_HAVE_AVX2)
 void int8_gemm_avx2(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #endif
-#if defined(BITNET_HAVE_AVX512VNNI)
+#if defined(BITNET_HAVE_INT8_AVX512VNNI)
 // AVX-512 VNNI (int8_avx512vnni.cpp). Needs a.xsum.
 void int8_gemm_avx512vnni(const Int8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 #endif

@@ -14,18 +14,11 @@
 #endif
 #include <immintrin.h>
 
+#include "hsum_x86.h"
 #include "int8.h"
 
 namespace bitnet {
 namespace {
-
-inline int32_t hsum512(__m512i v) {
-  __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // An empty asm that claims to change v: one load into a register for the RT multiply-adds (GCC would
 // otherwise fold it into each of them as a memory operand).
@@ -63,7 +56,7 @@ inline void tile(const Int8Args& a, int64_t m, int64_t n) {
   for (int t = 0; t < MT; ++t) {
     int32_t* o = a.out + (m + t) * a.ldo + n;
     const uint32_t bias = 128u * (uint32_t)a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = (int32_t)((uint32_t)hsum512(acc[r][t]) - bias);
+    for (int r = 0; r < RT; ++r) o[r] = (int32_t)((uint32_t)hsum(acc[r][t]) - bias);
   }
 }
 

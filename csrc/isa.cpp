@@ -119,7 +119,7 @@ int8_gemm_fn int8_kernel_for(int isa) {
 #if defined(BITNET_HAVE_AMX)
   if (isa == BITNET_ISA_AMX) return int8_gemm_amx;
 #endif
-#if defined(BITNET_HAVE_AVX512VNNI)
+#if defined(BITNET_HAVE_INT8_AVX512VNNI)
   if (isa == BITNET_ISA_AVX512VNNI) return int8_gemm_avx512vnni;
 #endif
 #if defined(BITNET_HAVE_AVX2)

@@ -51,10 +51,6 @@ inline void prefetch_weights(const uint8_t* const* wr, int64_t ldw, int64_t offs
   }
 }
 
-inline int32_t hsum(__m512i v) {
-  return hsum(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
-}
-
 template <int RT, int MT>
 inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
   const __m512i m3 = _mm512_set1_epi8(3);

@@ -19,10 +19,6 @@
 namespace bitnet {
 namespace {
 
-inline uint32_t hsum512(__m512i v) {
-  return (uint32_t)hsum(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
-}
-
 inline __m512i times3(__m512i t) { return _mm512_add_epi8(t, _mm512_add_epi8(t, t)); }  // 3 t mod 256 per byte
 
 // RT weight rows x one token. Two accumulators for each of A and B (even / odd digits): shorter
@@ -66,8 +62,8 @@ inline void tile(const Tq1Args& a, int64_t m, int64_t n) {
   }
   int32_t* o = a.out + m * a.ldo + n;
   for (int r = 0; r < RT; ++r) {
-    const uint32_t A = hsum512(_mm512_add_epi32(a0[r], a1[r]));
-    const uint32_t B = hsum512(_mm512_add_epi32(b0[r], b1[r]));
+    const uint32_t A = (uint32_t)hsum(_mm512_add_epi32(a0[r], a1[r]));
+    const uint32_t B = (uint32_t)hsum(_mm512_add_epi32(b0[r], b1[r]));
     const int32_t s256 = (int32_t)(3u * A - B);   // = 256 * sum_k x c, exact (see the top)
     o[r] = s256 / 256 - a.xsum[m];
   }

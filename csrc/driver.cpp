@@ -91,14 +91,13 @@ inline int64_t interleaved_offset(int64_t k) {
   return 256 * (b >> 1) + 64 * q + 32 * (b & 1);
 }
 
-// sum of the n int8 values at p (vectorised by the compiler)
+}  // namespace
+
 int32_t sum_int8(const int8_t* p, int64_t n) {
   int32_t sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += p[i];
   return sum;
 }
-
-}  // namespace
 
 // Copies one int8 row (K values) into the kernel layout (row of ldx bytes, zero padded).
 int32_t place_row(const int8_t* src, int64_t K, int8_t* dst, int64_t ldx, bool interleave) {

@@ -51,6 +51,8 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Copies one int8 row (K values) into the kernel layout (row of ldx bytes, zero padded); returns its sum.
 int32_t place_row(const int8_t* src, int64_t K, int8_t* dst, int64_t ldx, bool interleave);
+// The sum of the n int8 values at p (vectorised by the compiler).
+int32_t sum_int8(const int8_t* p, int64_t n);
 // k.quant of the K floats x (scale s, clamp [lo, hi]) written straight into the pair-interleaved layout
 // (ldx bytes, zero padded), as k.quant + place_row(..., true) would; returns the sum of the codes.
 int32_t quantize_interleaved(const Kernel& k, const float* x, int64_t K, float s, float lo, float hi, int8_t* dst,

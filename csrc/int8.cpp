@@ -50,12 +50,7 @@ void run(int8_gemm_fn g, const Int8Args& a0, int64_t M, int64_t N, const Epi& e)
   thread_local std::vector<int32_t> xsum;  // AVX-512 VNNI: sum_k x[m, k], the unsigned-operand correction
   if (g == int8_gemm_avx512vnni) {
     xsum.resize((size_t)M);
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xr = a.x + m * a.ldx;
-      int32_t s = 0;
-      for (int64_t k = 0; k < a.K; ++k) s += xr[k];
-      xsum[(size_t)m] = s;
-    }
+    for (int64_t m = 0; m < M; ++m) xsum[(size_t)m] = sum_int8(a.x + m * a.ldx, a.K);
     a.xsum = xsum.data();
   }
 #endif

@@ -16,16 +16,12 @@
 
 #include "hsum_x86.h"
 #include "int8.h"
+#include "x86_util.h"
 
 namespace bitnet {
 namespace {
 
-// An empty asm that claims to change v: one load into a register for the RT multiply-adds (GCC would
-// otherwise fold it into each of them as a memory operand).
-inline void in_register(__m512i& v) { asm("" : "+v"(v)); }
-
-// Weights prefetched like the ternary kernel (kernel_avx512vnni.cpp): the same columns of the next RT
-// rows into L1, of the rows 3 tiles ahead into L2.
+// Weights prefetched like the ternary kernel (prefetch_weights, x86_util.h).
 template <int RT, int MT>
 inline void tile(const Int8Args& a, int64_t m, int64_t n) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -42,9 +38,8 @@ inline void tile(const Int8Args& a, int64_t m, int64_t n) {
       xv[t] = tail ? _mm512_maskz_loadu_epi8(mask, xr[t] + k) : _mm512_loadu_si512((const void*)(xr[t] + k));
       in_register(xv[t]);
     }
+    prefetch_weights<RT>(wr, a.ldw, k);
     for (int r = 0; r < RT; ++r) {
-      _mm_prefetch((const char*)(wr[r] + RT * a.ldw + k), _MM_HINT_T0);
-      _mm_prefetch((const char*)(wr[r] + 3 * RT * a.ldw + k), _MM_HINT_T1);
       const __m512i wv = tail ? _mm512_maskz_loadu_epi8(mask, wr[r] + k) : _mm512_loadu_si512((const void*)(wr[r] + k));
       const __m512i u = _mm512_xor_si512(wv, flip);
       for (int t = 0; t < MT; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);

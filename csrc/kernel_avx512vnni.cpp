@@ -13,6 +13,7 @@
 
 #include "hsum_x86.h"
 #include "kernels.h"
+#include "x86_util.h"
 
 #if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
 #define BITNET_QUANT_FNS absmax_scalar, quant_scalar
@@ -25,31 +26,6 @@ float absmax_avx2_shared(const float* x, int64_t K);
 void quant_avx2_shared(const float* x, int64_t K, float s, float lo, float hi, int8_t* xq);
 
 namespace {
-
-// An empty asm that claims to change v: the compiler must keep v in a vector register (no-op under the
-// intrinsic emulation of csrc/emu, whose vectors are plain structs).
-inline void in_register(__m512i& v) {
-#if defined(BITNET_EMULATE)
-  (void)v;
-#else
-  asm("" : "+v"(v));
-#endif
-}
-
-// Weight prefetch, two distances: the same column of the next tile's RT rows into L1 (needed next), and
-// of the tile kFarTiles ahead into L2, so that rows streamed from DRAM arrive before the near prefetch
-// asks for them. The far one: decode (GEMV, 1-2 tokens) 1.55-1.59x tok/s at the 2.46B shape on a Zen 4
-// EPYC (2 threads, one process alternating builds, same tokens); 1.05-1.2x for kernels of 8-16 tokens
-// with the weights evicted from cache; 2, 3, 5 and 8 tiles ahead measured, 3-8 alike.
-constexpr int kFarTiles = 3;
-
-template <int RT>
-inline void prefetch_weights(const uint8_t* const* wr, int64_t ldw, int64_t offset) {
-  for (int r = 0; r < RT; ++r) {
-    _mm_prefetch((const char*)(wr[r] + RT * ldw + offset), _MM_HINT_T0);
-    _mm_prefetch((const char*)(wr[r] + kFarTiles * RT * ldw + offset), _MM_HINT_T1);
-  }
-}
 
 template <int RT, int MT>
 inline void tile(const GemmArgs& a, int64_t m, int64_t n) {

@@ -5,6 +5,7 @@
 
 #include "hsum_x86.h"
 #include "kernels.h"
+#include "x86_util.h"
 
 #if defined(BITNET_EMULATE)  // test build against csrc/emu/immintrin.h: portable quantiser
 #define BITNET_QUANT_FNS absmax_scalar, quant_scalar
@@ -70,15 +71,6 @@ void gemm_avxvnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t
   }
 }
 
-// An empty asm that claims to change v (a no-op under the intrinsic emulation of csrc/emu).
-inline void opaque(__m256i& v) {
-#if defined(BITNET_EMULATE)
-  (void)v;
-#else
-  asm("" : "+x"(v));
-#endif
-}
-
 // 12 independent vpdpbusd (ymm) chains: 32 multiply-adds per instruction; opaque each round so that
 // the compiler cannot merge the identical chains into one (see peak_avx512vnni).
 int64_t peak_avxvnni(int64_t iters) {
@@ -86,8 +78,8 @@ int64_t peak_avxvnni(int64_t iters) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m256i a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
   for (int64_t i = 0; i < iters; ++i) {
-    opaque(a0); opaque(a1); opaque(a2); opaque(a3); opaque(a4); opaque(a5);
-    opaque(a6); opaque(a7); opaque(a8); opaque(a9); opaque(a10); opaque(a11);
+    in_register(a0); in_register(a1); in_register(a2); in_register(a3); in_register(a4); in_register(a5);
+    in_register(a6); in_register(a7); in_register(a8); in_register(a9); in_register(a10); in_register(a11);
     a0 = _mm256_dpbusd_avx_epi32(a0, u, s); a1 = _mm256_dpbusd_avx_epi32(a1, u, s); a2 = _mm256_dpbusd_avx_epi32(a2, u, s);
     a3 = _mm256_dpbusd_avx_epi32(a3, u, s); a4 = _mm256_dpbusd_avx_epi32(a4, u, s); a5 = _mm256_dpbusd_avx_epi32(a5, u, s);
     a6 = _mm256_dpbusd_avx_epi32(a6, u, s); a7 = _mm256_dpbusd_avx_epi32(a7, u, s); a8 = _mm256_dpbusd_avx_epi32(a8, u, s);

@@ -15,6 +15,7 @@
 
 #include "hsum_x86.h"
 #include "tq1.h"
+#include "x86_util.h"
 
 namespace bitnet {
 namespace {
@@ -37,11 +38,8 @@ inline void tile(const Tq1Args& a, int64_t m, int64_t n) {
     const __m512i x2 = _mm512_loadu_si512((const void*)(xb + 128));
     const __m512i x3 = _mm512_loadu_si512((const void*)(xb + 192));
     const __m512i x4 = _mm512_loadu_si512((const void*)(xb + 256));
+    prefetch_weights<RT>(wr, a.ldw, 64 * b);   // as the I2 kernel (x86_util.h)
     for (int r = 0; r < RT; ++r) {
-      // the same column of the next RT rows into L1, and of the rows 3 tiles ahead into L2 (as the I2
-      // kernel, kernel_avx512vnni.cpp: rows streamed from DRAM arrive before the near prefetch)
-      _mm_prefetch((const char*)(wr[r] + RT * a.ldw + 64 * b), _MM_HINT_T0);
-      _mm_prefetch((const char*)(wr[r] + 3 * RT * a.ldw + 64 * b), _MM_HINT_T1);
       const __m512i t0 = _mm512_loadu_si512((const void*)(wr[r] + 64 * b));
       const __m512i t1 = times3(t0);
       const __m512i t2 = times3(t1);

@@ -7,9 +7,10 @@ load; printed: ms per step, tokens/s (B / step) and the speed-up in tokens/s ove
 step-time ratio). Perfect batching (weights read once per step for all rows) approaches B; the KV cache
 each row reads (grows with the position) and the attention do not shrink with batching.
 
-KV-cache dtypes (``--kv-dtype float32,float16``, the default: both): every (dtype, B) pair is timed in the
-same rounds, and the table puts them side by side with the float16 / float32 speed-up of each B. A float16
-cache halves the bytes a step reads from the caches (entries rounded when written, math in float32).
+KV-cache dtypes (``--kv-dtype float32,float16,int8``, the default: all three): every (dtype, B) pair is timed
+in the same rounds, and the table puts them side by side with each one's speed-up over the first dtype at
+each B. A float16 cache halves the bytes a step reads from the caches, an int8 one quarters them (plus one
+float32 scale per key/value vector); entries are rounded when written, the math stays float32.
 
 Shapes: ``load`` is the server load test's model (dim 1024, 12 layers, 16 heads); ``2b4t`` the blocks of
 BitNet-b1.58-2B-4T (dim 2560, 20 heads / 5 KV heads, hidden 6912) at reduced depth (``--depth-2b4t``,
@@ -17,7 +18,7 @@ default 4). Both use a 256-token vocabulary (the step, not the head, is measured
 whole model: 30 layers and the 128256-row int8 head (AMX-INT8 where the CPU has it).
 
     python benchmarks/bench_batched_decode.py --threads 2 --torch-threads 1 --pos 100
-    python benchmarks/bench_batched_decode.py --shapes load --batches 1,4,16 --kv-dtype float32,float16
+    python benchmarks/bench_batched_decode.py --shapes load --batches 1,4,16 --kv-dtype float32,float16,int8
     python benchmarks/bench_batched_decode.py --shapes 2b4t-full --batches 1,16     # the whole 2B4T model
     BITNET_NATIVE_LIB=/path/to/other/_bitnet_native.so python benchmarks/bench_batched_decode.py  # A/B a build
 """
@@ -40,6 +41,9 @@ SHAPES = {
 }
 
 
+KV_BYTES = {"float32": 4, "float16": 2, "int8": 1}      # bytes per cached entry (int8: + a scale per vector)
+
+
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -53,8 +57,9 @@ def _positive_ints(text: str) -> list[int]:
 def _kv_dtypes(text: str) -> list[str]:
     names = text.split(",")
     for n in names:
-        if n not in ("float32", "float16"):
-            raise argparse.ArgumentTypeError(f"expected comma-separated KV-cache dtypes of float32, float16, got {text!r}")
+        if n not in KV_BYTES:
+            raise argparse.ArgumentTypeError(f"expected comma-separated KV-cache dtypes of {', '.join(KV_BYTES)}, "
+                                             f"got {text!r}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"KV-cache dtypes repeat in {text!r}")
     return names
@@ -88,8 +93,9 @@ def main(argv=None) -> int:
                          "workers beside the native pool's on 2 cores made the 2b4t B=16 step 2.6x slower")
     ap.add_argument("--depth-2b4t", type=int, default=4, help="blocks of the 2b4t shape, default 4 (of 30)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per shape, default 10")
-    ap.add_argument("--kv-dtype", type=_kv_dtypes, default=["float32", "float16"],
-                    help="comma-separated KV-cache dtypes timed side by side, of float32, float16 (default both)")
+    ap.add_argument("--kv-dtype", type=_kv_dtypes, default=list(KV_BYTES),
+                    help="comma-separated KV-cache dtypes timed side by side, of float32, float16, int8 "
+                         "(default all)")
     args = ap.parse_args(argv)
     shapes = args.shapes.split(",")
     for s in shapes:
@@ -113,22 +119,23 @@ def main(argv=None) -> int:
         of = "" if depth is None else f" (of {MODEL_SHAPES[name]['depth']})"
         kv_mb = {b: 2 * layers * b * model.layers[0].attn.kv_heads * (args.pos + 1) * model.layers[0].attn.head_dim / 1e6
                  for b in args.batches}                               # elements (millions) a step reads
+        head_dim = model.layers[0].attn.head_dim
         print(f"\n{name}: dim {shape['dim']}, {layers} layers{of}, {shape['heads']} heads")
         b0 = args.batches[0]
         head = f"{'B':>4}"
         for kv in args.kv_dtype:
             head += f" | {kv + ' ms/step':>16} {'tok/s':>7} {'x vs B=' + str(b0):>9} {'KV MB':>6}"
-        if len(args.kv_dtype) > 1:
-            head += f" | {args.kv_dtype[1] + '/' + args.kv_dtype[0] + ' tok/s':>22}"
+        for kv in args.kv_dtype[1:]:
+            head += f" | {kv + '/' + args.kv_dtype[0] + ' tok/s':>22}"
         print(head)
         for b in args.batches:
             line = f"{b:>4}"
             for kv in args.kv_dtype:
                 t, base = times[(kv, b)], times[(kv, b0)] / b0        # seconds per token at the base B
-                size = 4 if kv == "float32" else 2
+                size = KV_BYTES[kv] + (4 / head_dim if kv == "int8" else 0)
                 line += f" | {t * 1e3:>16.2f} {b / t:>7.0f} {base / (t / b):>9.2f} {kv_mb[b] * size:>6.1f}"
-            if len(args.kv_dtype) > 1:
-                line += f" | {times[(args.kv_dtype[0], b)] / times[(args.kv_dtype[1], b)]:>22.2f}"
+            for kv in args.kv_dtype[1:]:
+                line += f" | {times[(args.kv_dtype[0], b)] / times[(kv, b)]:>22.2f}"
             print(line)
     return 0
 

@@ -314,7 +314,7 @@ def main(argv=None):
     g.add_argument("--slots", type=int, default=16)
     g.add_argument("--pack", action="store_true")
     g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+    g.add_argument("--kv-dtype", choices=["float32", "float16", "int8"], default=None,
                    help="what the server's KV caches store (bitnet serve --kv-dtype; default: the model's dtype)")
     g.add_argument("--shape", choices=sorted(MODEL_SHAPES), default=None,
                    help="--random: a packed model of this shape of bitnet.bench.MODEL_SHAPES (e.g. 2b4t: hidden 2560, "

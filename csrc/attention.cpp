@@ -2,12 +2,15 @@
 // step of the fused CPU path (bitnet/models/fused_block.py), one native call instead of ~40 small torch
 // ops per layer. See bitnet_attention_step in bitnet_native.h. The math is float32; the KV cache holds
 // float32 or IEEE binary16 (BITNET_KV_F16: half the bytes to stream per decode step), written with
-// round-to-nearest-even (as torch's Tensor.half()) and widened exactly when read, so both element types
-// share one templated code path and one fixed order of float operations.
+// round-to-nearest-even (as torch's Tensor.half()) and widened exactly when read, or int8 (BITNET_KV_I8: a
+// quarter of the float32 bytes) with one float32 scale d per (row, head, position), read as q * d (one
+// float32 multiply). Every element type shares one templated code path and one fixed order of float
+// operations: an int8 cache gives the bits of a float32 cache holding q * d.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bitnet_native.h"
@@ -64,8 +67,8 @@ constexpr int64_t prefetch_keys() { return BITNET_ATTN_PREFETCH * 4 / (int64_t)s
 
 // ---- the float16 KV cache: IEEE binary16 bits, round to nearest even when written ----
 using half_t = uint16_t;
-enum KvDtype { kKvF32 = 0, kKvF16 = 1, kKvDtypeCount };
-const char* const kKvDtypeNames[kKvDtypeCount] = {"float32", "float16"};
+enum KvDtype { kKvF32 = 0, kKvF16 = 1, kKvI8 = 2, kKvDtypeCount };
+const char* const kKvDtypeNames[kKvDtypeCount] = {"float32", "float16", "int8"};
 
 inline uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -101,13 +104,22 @@ inline half_t float_to_half(float f) {
   return (half_t)(sign | q);
 }
 
-// The element of a cache as float32 (portable loops).
-inline float load(const float* p) { return *p; }
-inline float load(const half_t* p) { return half_to_float(*p); }
+// The element of a cache as float32 (portable loops); d: the key's / value's int8 scale (unused otherwise).
+inline float load(const float* p, float) { return *p; }
+inline float load(const half_t* p, float) { return half_to_float(*p); }
+inline float load(const int8_t* p, float d) { return (float)*p * d; }
+
+// The int8 scale of key/value j (scales: its (row, head)'s, null for the float caches: then 0, unused).
+template <typename E>
+inline float scale_at(const float* scales, int64_t j) {
+  if constexpr (std::is_same<E, int8_t>::value) return scales[j];
+  else return ((void)scales, (void)j, 0.0f);
+}
 
 #if defined(BITNET_ATTN_AVX512)
 // GCC 12's intrinsic headers start some conversions from an "undefined" register: false alarms here.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 
 // BITNET_ATTN_PORTABLE=1 (read once) forces the portable loops: tests compare the two bit for bit.
@@ -119,10 +131,18 @@ bool have_avx512() {
 }
 
 // 16 elements from p as floats (all, or the lanes of m, the others 0)
-BITNET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-BITNET_AVX512 inline __m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-BITNET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-BITNET_AVX512 inline __m512 load16(const half_t* p, __mmask16 m) {
+BITNET_AVX512 inline __m512 load16(const float* p, float) { return _mm512_loadu_ps(p); }
+BITNET_AVX512 inline __m512 load16(const half_t* p, float) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+BITNET_AVX512 inline __m512 load16(const int8_t* p, float d) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))), _mm512_set1_ps(d));
+}
+BITNET_AVX512 inline __m512 load16(const float* p, float, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+BITNET_AVX512 inline __m512 load16(const int8_t* p, float d, __mmask16 m) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))), _mm512_set1_ps(d));
+}
+BITNET_AVX512 inline __m512 load16(const half_t* p, float, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
@@ -146,6 +166,55 @@ inline void store_row(const float* src, int64_t n, half_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
+// ---- the int8 KV cache: per (row, head, position) absmax scale, as bitnet.nn.attention.quantize_kv ----
+//   d = max_i |x_i| / 127,   q_i = clamp(round_half_even(x_i / d), -127, 127)   (d = 0: q = 0)
+// and the entry read back is q_i * d (one float32 multiply). Keys and values must be finite. The AVX-512
+// loop does the same IEEE operations (the max is exact in any order, the division correctly rounded, the
+// rounding to nearest even): the portable one (one libm nearbyint per entry) cost 3x the attention's
+// own time on a 16-row step.
+#if defined(BITNET_ATTN_AVX512)
+// 16 codes clamp(round_half_even(x / d), -127, 127) (d > 0)
+BITNET_AVX512 inline __m512i int8_codes(__m512 x, __m512 d) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), r)));
+}
+
+BITNET_AVX512 void store_i8_avx512(const float* src, int64_t n, int8_t* dst, float* scale) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+  const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+  if (i < n) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, src + i)));
+  const float d = _mm512_reduce_max_ps(m) / 127.0f;
+  *scale = d;
+  if (!(d > 0.0f)) {
+    std::memset(dst, 0, (size_t)n);
+    return;
+  }
+  const __m512 dv = _mm512_set1_ps(d);
+  for (i = 0; i + 16 <= n; i += 16)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm512_cvtepi32_epi8(int8_codes(_mm512_loadu_ps(src + i), dv)));
+  if (i < n) _mm512_mask_cvtepi32_storeu_epi8(dst + i, tail, int8_codes(_mm512_maskz_loadu_ps(tail, src + i), dv));
+}
+#endif
+
+inline void store_row(const float* src, int64_t n, int8_t* dst, float* scale) {
+#if defined(BITNET_ATTN_AVX512)
+  if (have_avx512()) return store_i8_avx512(src, n, dst, scale);
+#endif
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float d = amax / 127.0f;
+  *scale = d;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = d > 0.0f ? std::nearbyint(src[i] / d) : 0.0f;   // default rounding mode: half to even
+    dst[i] = (int8_t)std::min(127.0f, std::max(-127.0f, r));
+  }
+}
+// The float caches have no scales (scale is null).
+inline void store_row(const float* src, int64_t n, float* dst, float*) { store_row(src, n, dst); }
+inline void store_row(const float* src, int64_t n, half_t* dst, float*) { store_row(src, n, dst); }
+
 // Prefetch the `bytes` bytes at p (one hint per 64-byte line).
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)p + o, 0, 3);
@@ -164,17 +233,19 @@ inline float reduce_lanes(const float* a) {
 }
 
 // s[r] = reduce_lanes(a_r) * scale for R keys k_r = k + r hd, where a_r[l] = fma(q[d], k_r[d], a_r[l]) for
-// d = l, l + 16, ... < hd, in order of d (R independent chains of 16-float vectors).
+// d = l, l + 16, ... < hd, in order of d (R independent chains of 16-float vectors). ks: the R keys' int8
+// scales (null for the float caches).
 template <int R, typename E>
-inline void scores(const float* q, const E* k, int64_t hd, float scale, float* s) {
-  float a[R][kLanes] = {};
+inline void scores(const float* q, const E* k, const float* ks, int64_t hd, float scale, float* s) {
+  float a[R][kLanes] = {}, d[R];
+  for (int r = 0; r < R; ++r) d[r] = scale_at<E>(ks, r);
   int64_t i = 0;
   for (; i + kLanes <= hd; i += kLanes)
     for (int r = 0; r < R; ++r)
-      for (int l = 0; l < kLanes; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l), a[r][l]);
+      for (int l = 0; l < kLanes; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l, d[r]), a[r][l]);
   const int64_t tail = hd - i;
   for (int r = 0; r < R; ++r)
-    for (int64_t l = 0; l < tail; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l), a[r][l]);
+    for (int64_t l = 0; l < tail; ++l) a[r][l] = __builtin_fmaf(q[i + l], load(k + r * hd + i + l, d[r]), a[r][l]);
   for (int r = 0; r < R; ++r) s[r] = reduce_lanes(a[r]) * scale;
 }
 
@@ -207,39 +278,42 @@ BITNET_AVX512 inline void reduce4_lanes_avx512(const __m512* a, float scale, flo
 }
 
 template <int R, typename E>
-BITNET_AVX512 inline void scores_avx512(const float* q, const E* k, int64_t hd, float scale, float* s) {
+BITNET_AVX512 inline void scores_avx512(const float* q, const E* k, const float* ks, int64_t hd, float scale,
+                                        float* s) {
   __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  float d[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps(), d[r] = scale_at<E>(ks, r);
   int64_t i = 0;
   for (; i + kLanes <= hd; i += kLanes) {
     const __m512 qv = _mm512_loadu_ps(q + i);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i, d[r]), a[r]);
   }
   if (i < hd) {
     const __mmask16 m = (__mmask16)((1u << (hd - i)) - 1u);
     const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i, m), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(qv, load16(k + r * hd + i, d[r], m), a[r]);
   }
   if (R == 4) return reduce4_lanes_avx512(a, scale, s);
   for (int r = 0; r < R; ++r) s[r] = reduce_lanes_avx512(a[r]) * scale;
 }
 
 template <typename E>
-BITNET_AVX512 void all_scores_avx512(const float* q, const E* kc, int64_t n, int64_t hd, float scale, float* w) {
+BITNET_AVX512 void all_scores_avx512(const float* q, const E* kc, const float* ks, int64_t n, int64_t hd, float scale,
+                                     float* w) {
   const int64_t row = hd * (int64_t)sizeof(E);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     if (prefetch_keys<E>() && j + prefetch_keys<E>() + 4 <= n) prefetch_bytes(kc + (j + prefetch_keys<E>()) * hd, 4 * row);
-    scores_avx512<4>(q, kc + j * hd, hd, scale, w + j);
+    scores_avx512<4>(q, kc + j * hd, ks ? ks + j : nullptr, hd, scale, w + j);
   }
-  for (; j < n; ++j) scores_avx512<1>(q, kc + j * hd, hd, scale, w + j);
+  for (; j < n; ++j) scores_avx512<1>(q, kc + j * hd, ks ? ks + j : nullptr, hd, scale, w + j);
 }
 
 // out[d0 + 16 c + l] = (sum_j w[j] v_j[d0 + 16 c + l]) * inv for c < C (fma in order of j: the portable
 // weighted_values' operations; lanes past `tail` (last vector, 1..16 lanes) are neither read nor written).
 template <int C, typename E>
-BITNET_AVX512 inline void values_avx512(const float* w, const E* vc, int64_t n, int64_t hd, int64_t d0, float inv,
-                                        float* out, int tail = kLanes) {
+BITNET_AVX512 inline void values_avx512(const float* w, const E* vc, const float* vs, int64_t n, int64_t hd, int64_t d0,
+                                        float inv, float* out, int tail = kLanes) {
   const __mmask16 m = (__mmask16)((1u << tail) - 1u);
   const int64_t row = hd * (int64_t)sizeof(E);
   __m512 acc[C];
@@ -249,9 +323,10 @@ BITNET_AVX512 inline void values_avx512(const float* w, const E* vc, int64_t n, 
       prefetch_bytes(vc + (j + prefetch_keys<E>()) * hd, 4 * row);
     const __m512 a = _mm512_set1_ps(w[j]);
     const E* v = vc + j * hd + d0;
-    for (int c = 0; c < C - 1; ++c) acc[c] = _mm512_fmadd_ps(a, load16(v + c * kLanes), acc[c]);
-    acc[C - 1] = _mm512_fmadd_ps(a, tail == kLanes ? load16(v + (C - 1) * kLanes) : load16(v + (C - 1) * kLanes, m),
-                                 acc[C - 1]);
+    const float d = scale_at<E>(vs, j);
+    for (int c = 0; c < C - 1; ++c) acc[c] = _mm512_fmadd_ps(a, load16(v + c * kLanes, d), acc[c]);
+    acc[C - 1] = _mm512_fmadd_ps(
+        a, tail == kLanes ? load16(v + (C - 1) * kLanes, d) : load16(v + (C - 1) * kLanes, d, m), acc[C - 1]);
   }
   const __m512 s = _mm512_set1_ps(inv);
   for (int c = 0; c < C - 1; ++c) _mm512_storeu_ps(out + d0 + c * kLanes, _mm512_mul_ps(acc[c], s));
@@ -259,23 +334,25 @@ BITNET_AVX512 inline void values_avx512(const float* w, const E* vc, int64_t n, 
 }
 
 template <typename E>
-BITNET_AVX512 void all_values_avx512(const float* w, const E* vc, int64_t n, int64_t hd, float inv, float* out) {
+BITNET_AVX512 void all_values_avx512(const float* w, const E* vc, const float* vs, int64_t n, int64_t hd, float inv,
+                                     float* out) {
   int64_t d = 0;
-  for (; d + 128 <= hd; d += 128) values_avx512<8>(w, vc, n, hd, d, inv, out);
-  for (; d + 64 <= hd; d += 64) values_avx512<4>(w, vc, n, hd, d, inv, out);
-  for (; d + 16 <= hd; d += 16) values_avx512<1>(w, vc, n, hd, d, inv, out);
-  if (d < hd) values_avx512<1>(w, vc, n, hd, d, inv, out, (int)(hd - d));
+  for (; d + 128 <= hd; d += 128) values_avx512<8>(w, vc, vs, n, hd, d, inv, out);
+  for (; d + 64 <= hd; d += 64) values_avx512<4>(w, vc, vs, n, hd, d, inv, out);
+  for (; d + 16 <= hd; d += 16) values_avx512<1>(w, vc, vs, n, hd, d, inv, out);
+  if (d < hd) values_avx512<1>(w, vc, vs, n, hd, d, inv, out, (int)(hd - d));
 }
 #endif
 
 // acc[i] = sum_j w[j] v_j[d0 + i] (fma, in order of j) for i < W; out[d0 + i] = acc[i] * inv.
 template <int W, typename E>
-inline void weighted_values(const float* w, const E* vc, int64_t n, int64_t hd, int64_t d0, float inv, float* out) {
+inline void weighted_values(const float* w, const E* vc, const float* vs, int64_t n, int64_t hd, int64_t d0, float inv,
+                            float* out) {
   float acc[W] = {};
   for (int64_t j = 0; j < n; ++j) {
-    const float a = w[j];
+    const float a = w[j], d = scale_at<E>(vs, j);
     const E* v = vc + j * hd + d0;
-    for (int i = 0; i < W; ++i) acc[i] = __builtin_fmaf(a, load(v + i), acc[i]);
+    for (int i = 0; i < W; ++i) acc[i] = __builtin_fmaf(a, load(v + i, d), acc[i]);
   }
   for (int i = 0; i < W; ++i) out[d0 + i] = acc[i] * inv;
 }
@@ -287,24 +364,26 @@ inline void weighted_values(const float* w, const E* vc, int64_t n, int64_t hd, 
 //   s_j = reduce_lanes(q . k_j, 16 lanes) * scale      4 keys per pass: 4 independent fma chains
 //   e_j = exp_nonpositive(s_j - max s), sum = reduce_lanes(e, 16 lanes)
 //   out = (sum_j e_j v_j) / sum                          one fma chain per dimension, in order of j
-// Float16 keys / values are widened exactly, so they enter the same operations.
+// Float16 keys / values are widened exactly, int8 ones read as q * d (ks, vs: their scales; null for the
+// float caches), so they enter the same operations.
 template <typename E>
-__attribute__((always_inline)) inline void attend_one_body(const float* q, const E* kc, const E* vc, int64_t n,
-                                                           int64_t hd, float scale, float* w, float* out) {
+__attribute__((always_inline)) inline void attend_one_body(const float* q, const E* kc, const E* vc, const float* ks,
+                                                           const float* vs, int64_t n, int64_t hd, float scale,
+                                                           float* w, float* out) {
   int64_t j = 0;
 #if defined(BITNET_ATTN_AVX512)
   const bool simd = have_avx512();
   if (simd) {
-    all_scores_avx512(q, kc, n, hd, scale, w);
+    all_scores_avx512(q, kc, ks, n, hd, scale, w);
     j = n;
   }
 #endif
   for (; j + 4 <= n; j += 4) {
     if (prefetch_keys<E>() && j + prefetch_keys<E>() + 4 <= n)
       prefetch_bytes(kc + (j + prefetch_keys<E>()) * hd, 4 * hd * (int64_t)sizeof(E));
-    scores<4>(q, kc + j * hd, hd, scale, w + j);
+    scores<4>(q, kc + j * hd, ks ? ks + j : nullptr, hd, scale, w + j);
   }
-  for (; j < n; ++j) scores<1>(q, kc + j * hd, hd, scale, w + j);
+  for (; j < n; ++j) scores<1>(q, kc + j * hd, ks ? ks + j : nullptr, hd, scale, w + j);
   if (prefetch_keys<E>()) prefetch_bytes(vc, std::min<int64_t>(n, prefetch_keys<E>()) * hd * (int64_t)sizeof(E));
   float mx = -INFINITY;
   for (j = 0; j < n; ++j) mx = w[j] > mx ? w[j] : mx;
@@ -322,29 +401,37 @@ __attribute__((always_inline)) inline void attend_one_body(const float* q, const
   }
   const float inv = 1.0f / reduce_lanes(sums);
 #if defined(BITNET_ATTN_AVX512)
-  if (simd) return all_values_avx512(w, vc, n, hd, inv, out);
+  if (simd) return all_values_avx512(w, vc, vs, n, hd, inv, out);
 #endif
   int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) weighted_values<64>(w, vc, n, hd, d, inv, out);
-  for (; d + 16 <= hd; d += 16) weighted_values<16>(w, vc, n, hd, d, inv, out);
-  for (; d < hd; ++d) weighted_values<1>(w, vc, n, hd, d, inv, out);
+  for (; d + 64 <= hd; d += 64) weighted_values<64>(w, vc, vs, n, hd, d, inv, out);
+  for (; d + 16 <= hd; d += 16) weighted_values<16>(w, vc, vs, n, hd, d, inv, out);
+  for (; d < hd; ++d) weighted_values<1>(w, vc, vs, n, hd, d, inv, out);
 }
 
 BITNET_FLOAT_CLONES void attend_one_f32(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd,
                                         float scale, float* w, float* out) {
-  attend_one_body(q, kc, vc, n, hd, scale, w, out);
+  attend_one_body(q, kc, vc, nullptr, nullptr, n, hd, scale, w, out);
 }
 BITNET_FLOAT_CLONES void attend_one_f16(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd,
                                         float scale, float* w, float* out) {
-  attend_one_body(q, kc, vc, n, hd, scale, w, out);
+  attend_one_body(q, kc, vc, nullptr, nullptr, n, hd, scale, w, out);
 }
-inline void attend_one(const float* q, const float* kc, const float* vc, int64_t n, int64_t hd, float scale,
-                       float* w, float* out) {
+BITNET_FLOAT_CLONES void attend_one_i8(const float* q, const int8_t* kc, const int8_t* vc, const float* ks,
+                                       const float* vs, int64_t n, int64_t hd, float scale, float* w, float* out) {
+  attend_one_body(q, kc, vc, ks, vs, n, hd, scale, w, out);
+}
+inline void attend_one(const float* q, const float* kc, const float* vc, const float*, const float*, int64_t n,
+                       int64_t hd, float scale, float* w, float* out) {
   attend_one_f32(q, kc, vc, n, hd, scale, w, out);
 }
-inline void attend_one(const float* q, const half_t* kc, const half_t* vc, int64_t n, int64_t hd, float scale,
-                       float* w, float* out) {
+inline void attend_one(const float* q, const half_t* kc, const half_t* vc, const float*, const float*, int64_t n,
+                       int64_t hd, float scale, float* w, float* out) {
   attend_one_f16(q, kc, vc, n, hd, scale, w, out);
+}
+inline void attend_one(const float* q, const int8_t* kc, const int8_t* vc, const float* ks, const float* vs, int64_t n,
+                       int64_t hd, float scale, float* w, float* out) {
+  attend_one_i8(q, kc, vc, ks, vs, n, hd, scale, w, out);
 }
 
 // ---- prefill: blocks of up to kQB queries of one head, vectorised across the queries ----
@@ -359,7 +446,8 @@ struct BlockScratch {
 // query, so that no horizontal sums are needed: S^T (n, 16) = K Q^T; then O = P V, vectorised across d.
 template <typename E>
 __attribute__((always_inline)) inline void attend_block_body(const float* const* q, int nq, const int64_t* last,
-                                                             const E* kc, const E* vc, int64_t hd, float scale,
+                                                             const E* kc, const E* vc, const float* ks,
+                                                             const float* vs, int64_t hd, float scale,
                                                              float* const* out, BlockScratch& sc) {
   int64_t n = 0;
   for (int i = 0; i < nq; ++i) n = std::max(n, last[i] + 1);
@@ -376,9 +464,11 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
   for (; j + 4 <= n; j += 4) {
     float a0[kQB] = {}, a1[kQB] = {}, a2[kQB] = {}, a3[kQB] = {};
     const E *k0 = kc + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    const float d0 = scale_at<E>(ks, j), d1 = scale_at<E>(ks, j + 1), d2 = scale_at<E>(ks, j + 2),
+                d3 = scale_at<E>(ks, j + 3);
     for (int64_t d = 0; d < hd; ++d) {
       const float* qd = qt + d * kQB;
-      const float c0 = load(k0 + d), c1 = load(k1 + d), c2 = load(k2 + d), c3 = load(k3 + d);
+      const float c0 = load(k0 + d, d0), c1 = load(k1 + d, d1), c2 = load(k2 + d, d2), c3 = load(k3 + d, d3);
       for (int i = 0; i < kQB; ++i) {
         a0[i] = __builtin_fmaf(qd[i], c0, a0[i]);
         a1[i] = __builtin_fmaf(qd[i], c1, a1[i]);
@@ -396,8 +486,9 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
   for (; j < n; ++j) {
     float a0[kQB] = {};
     const E* k0 = kc + j * hd;
+    const float d0 = scale_at<E>(ks, j);
     for (int64_t d = 0; d < hd; ++d) {
-      const float c0 = load(k0 + d);
+      const float c0 = load(k0 + d, d0);
       for (int i = 0; i < kQB; ++i) a0[i] = __builtin_fmaf(qt[d * kQB + i], c0, a0[i]);
     }
     for (int i = 0; i < kQB; ++i) st[j * kQB + i] = a0[i] * scale;
@@ -430,15 +521,17 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
         for (int64_t jj = 0; jj < n; ++jj) {
           const float* w = st + jj * kQB + i0;
           const E* v = vc + jj * hd + d0;
+          const float dv = scale_at<E>(vs, jj);
 #pragma GCC unroll 4
           for (int r = 0; r < kOutQ; ++r)
-            for (int dd = 0; dd < kOutD; ++dd) a[r][dd] = __builtin_fmaf(w[r], load(v + dd), a[r][dd]);
+            for (int dd = 0; dd < kOutD; ++dd) a[r][dd] = __builtin_fmaf(w[r], load(v + dd, dv), a[r][dd]);
         }
       } else {
         for (int64_t jj = 0; jj < n; ++jj)
           for (int r = 0; r < kOutQ; ++r)
             for (int64_t dd = 0; dd < nd; ++dd)
-              a[r][dd] = __builtin_fmaf(st[jj * kQB + i0 + r], load(vc + jj * hd + d0 + dd), a[r][dd]);
+              a[r][dd] = __builtin_fmaf(st[jj * kQB + i0 + r], load(vc + jj * hd + d0 + dd, scale_at<E>(vs, jj)),
+                                        a[r][dd]);
       }
       for (int r = 0; r < ni; ++r) {
         const float inv = 1.0f / sum[i0 + r];
@@ -451,26 +544,38 @@ __attribute__((always_inline)) inline void attend_block_body(const float* const*
 BITNET_FLOAT_CLONES void attend_block_f32(const float* const* q, int nq, const int64_t* last, const float* kc,
                                           const float* vc, int64_t hd, float scale, float* const* out,
                                           BlockScratch& sc) {
-  attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);
+  attend_block_body(q, nq, last, kc, vc, nullptr, nullptr, hd, scale, out, sc);
 }
 BITNET_FLOAT_CLONES void attend_block_f16(const float* const* q, int nq, const int64_t* last, const half_t* kc,
                                           const half_t* vc, int64_t hd, float scale, float* const* out,
                                           BlockScratch& sc) {
-  attend_block_body(q, nq, last, kc, vc, hd, scale, out, sc);
+  attend_block_body(q, nq, last, kc, vc, nullptr, nullptr, hd, scale, out, sc);
+}
+BITNET_FLOAT_CLONES void attend_block_i8(const float* const* q, int nq, const int64_t* last, const int8_t* kc,
+                                         const int8_t* vc, const float* ks, const float* vs, int64_t hd, float scale,
+                                         float* const* out, BlockScratch& sc) {
+  attend_block_body(q, nq, last, kc, vc, ks, vs, hd, scale, out, sc);
 }
 inline void attend_block(const float* const* q, int nq, const int64_t* last, const float* kc, const float* vc,
-                         int64_t hd, float scale, float* const* out, BlockScratch& sc) {
+                         const float*, const float*, int64_t hd, float scale, float* const* out, BlockScratch& sc) {
   attend_block_f32(q, nq, last, kc, vc, hd, scale, out, sc);
 }
 inline void attend_block(const float* const* q, int nq, const int64_t* last, const half_t* kc, const half_t* vc,
-                         int64_t hd, float scale, float* const* out, BlockScratch& sc) {
+                         const float*, const float*, int64_t hd, float scale, float* const* out, BlockScratch& sc) {
   attend_block_f16(q, nq, last, kc, vc, hd, scale, out, sc);
+}
+inline void attend_block(const float* const* q, int nq, const int64_t* last, const int8_t* kc, const int8_t* vc,
+                         const float* ks, const float* vs, int64_t hd, float scale, float* const* out,
+                         BlockScratch& sc) {
+  attend_block_i8(q, nq, last, kc, vc, ks, vs, hd, scale, out, sc);
 }
 
 // One layer's attention step with a cache of element type E (see bitnet_attention_step).
+// k_scale / v_scale (B, Hkv, max_len): the int8 cache's scales (null for float32 / float16).
 template <typename E>
 void attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd, const float* cos_table,
-                    const float* sin_table, E* k_cache, E* v_cache, int64_t max_len, const int64_t* pos, float* out) {
+                    const float* sin_table, E* k_cache, E* v_cache, float* k_scale, float* v_scale, int64_t max_len,
+                    const int64_t* pos, float* out) {
   const int64_t ld = (Hq + 2 * Hkv) * hd;      // qkv row: q heads | k heads | v heads
   const int64_t group = Hq / Hkv;
   const int64_t nthreads = native_threads();
@@ -487,9 +592,9 @@ void attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
       const float* s = sin_table + p * hd;
       for (int64_t h = 0; h < Hq + Hkv; ++h) rope(row + h * hd, hd, c, s);
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = ((b * Hkv + g) * max_len + p) * hd;
-        store_row(row + (Hq + g) * hd, hd, k_cache + at);
-        store_row(row + (Hq + Hkv + g) * hd, hd, v_cache + at);
+        const int64_t slot = (b * Hkv + g) * max_len + p, at = slot * hd;
+        store_row(row + (Hq + g) * hd, hd, k_cache + at, k_scale ? k_scale + slot : nullptr);
+        store_row(row + (Hq + Hkv + g) * hd, hd, v_cache + at, v_scale ? v_scale + slot : nullptr);
       }
     }
   });
@@ -510,8 +615,9 @@ void attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
         os[i] = out + bt * Hq * hd + h * hd;
         last[i] = pos[b] + t0 + i;
       }
-      const int64_t at = (b * Hkv + g) * max_len * hd;
-      attend_block(qs, (int)nq, last, k_cache + at, v_cache + at, hd, scale, os, sc);
+      const int64_t slot = (b * Hkv + g) * max_len, at = slot * hd;
+      attend_block(qs, (int)nq, last, k_cache + at, v_cache + at, k_scale ? k_scale + slot : nullptr,
+                   v_scale ? v_scale + slot : nullptr, hd, scale, os, sc);
     });
     return;
   }
@@ -525,9 +631,9 @@ void attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, i
       const int64_t h = i % Hq, bt = i / Hq, b = bt / T, t = bt % T;
       const int64_t n = pos[b] + t + 1, g = h / group;
       if ((int64_t)w.size() < n) w.resize((size_t)n);
-      const int64_t at = (b * Hkv + g) * max_len * hd;
-      attend_one(qkv + bt * ld + h * hd, k_cache + at, v_cache + at, n, hd, scale, w.data(),
-                 out + bt * Hq * hd + h * hd);
+      const int64_t slot = (b * Hkv + g) * max_len, at = slot * hd;
+      attend_one(qkv + bt * ld + h * hd, k_cache + at, v_cache + at, k_scale ? k_scale + slot : nullptr,
+                 v_scale ? v_scale + slot : nullptr, n, hd, scale, w.data(), out + bt * Hq * hd + h * hd);
     }
   });
 }
@@ -543,17 +649,21 @@ extern "C" const char* bitnet_kv_dtype_name(int code) {
 
 extern "C" int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
                                      const float* cos_table, const float* sin_table, int64_t table_len,
-                                     void* k_cache, void* v_cache, int kv_dtype, int64_t max_len,
-                                     const int64_t* pos, float* out) {
+                                     void* k_cache, void* v_cache, float* k_scale, float* v_scale, int kv_dtype,
+                                     int64_t max_len, const int64_t* pos, float* out) {
   if (B < 0 || T < 0 || Hq < 1 || Hkv < 1 || Hq % Hkv || hd < 2 || hd % 2) return BITNET_EINVAL;
   if (kv_dtype < 0 || kv_dtype >= kKvDtypeCount) return BITNET_EINVAL;
+  if ((kv_dtype == kKvI8) != (k_scale && v_scale) || (kv_dtype != kKvI8 && (k_scale || v_scale))) return BITNET_EINVAL;
   for (int64_t b = 0; b < B; ++b)
     if (pos[b] < 0 || pos[b] + T > max_len || pos[b] + T > table_len) return BITNET_EINVAL;
-  if (kv_dtype == kKvF16)
-    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (half_t*)k_cache, (half_t*)v_cache, max_len, pos,
-                   out);
+  if (kv_dtype == kKvI8)
+    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (int8_t*)k_cache, (int8_t*)v_cache, k_scale, v_scale,
+                   max_len, pos, out);
+  else if (kv_dtype == kKvF16)
+    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (half_t*)k_cache, (half_t*)v_cache, nullptr, nullptr,
+                   max_len, pos, out);
   else
-    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (float*)k_cache, (float*)v_cache, max_len, pos,
-                   out);
+    attention_step(qkv, B, T, Hq, Hkv, hd, cos_table, sin_table, (float*)k_cache, (float*)v_cache, nullptr, nullptr,
+                   max_len, pos, out);
   return BITNET_OK;
 }

@@ -88,25 +88,28 @@ BITNET_API int bitnet_bitlinear_multi(const float* x, int64_t M, int64_t K, int6
                                       const uint8_t* const* w, const int64_t* n, int64_t ldw,
                                       const float* const* w_scale, const float* const* bias,
                                       float* out, int64_t ldo, int isa);
-/* Element types of a KV cache: float32, or IEEE binary16 (written with round-to-nearest-even, as torch's
- * Tensor.half(), and widened exactly when read; the attention math is float32 either way). */
-enum { BITNET_KV_F32 = 0, BITNET_KV_F16 = 1 };
-/* Name of KV-cache element type `code` ("float32", "float16"), NULL past the last one: read back by the
- * Python side at load (bitnet.ops.cpu.KV_DTYPES). */
+/* Element types of a KV cache: float32, IEEE binary16 (written with round-to-nearest-even, as torch's
+ * Tensor.half(), and widened exactly when read), or int8 with one float32 scale per (row, head, position):
+ * d = max|x| / 127, q = clamp(round_half_even(x / d), -127, 127) (0 where d = 0), read back as q * d.
+ * The attention math is float32 in every case. */
+enum { BITNET_KV_F32 = 0, BITNET_KV_F16 = 1, BITNET_KV_I8 = 2 };
+/* Name of KV-cache element type `code` ("float32", "float16", "int8"), NULL past the last one: read back
+ * by the Python side at load (bitnet.ops.cpu.KV_DTYPES). */
 BITNET_API const char* bitnet_kv_dtype_name(int code);
 /* One layer's attention step (float32 math), for B rows of T new tokens each:
  *   qkv (B*T, (Hq + 2*Hkv) * hd): per token the q heads, k heads, v heads (rotated in place);
  *   rotary: rotate-half with cos/sin tables (table_len, hd) at position pos[b] + t;
  *   k/v appended to k_cache/v_cache (B, Hkv, max_len, hd) (contiguous, elements of kv_dtype, a
- *   BITNET_KV_* code) at pos[b] + t;
+ *   BITNET_KV_* code) at pos[b] + t; for BITNET_KV_I8 their scales to k_scale/v_scale (B, Hkv, max_len)
+ *   float32 (both NULL for the other types);
  *   out (B*T, Hq*hd) = softmax(q k^T / sqrt(hd)) v over keys 0..pos[b]+t of K/V head h / (Hq/Hkv).
  * A query's result depends only on its own q, keys and values (not on B, T or the other rows), and is the
  * same on every ISA. BITNET_EINVAL if pos[b] + T exceeds max_len or table_len, the head counts do not
  * divide, or kv_dtype is unknown. */
 BITNET_API int bitnet_attention_step(float* qkv, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t hd,
                                      const float* cos_table, const float* sin_table, int64_t table_len,
-                                     void* k_cache, void* v_cache, int kv_dtype, int64_t max_len,
-                                     const int64_t* pos, float* out);
+                                     void* k_cache, void* v_cache, float* k_scale, float* v_scale, int kv_dtype,
+                                     int64_t max_len, const int64_t* pos, float* out);
 /* Weight layouts of bitnet_linear_set.format: I2 (above) or the experimental TQ1 of tq1_native.h. */
 enum { BITNET_WEIGHTS_I2 = 0, BITNET_WEIGHTS_TQ1 = 1 };
 
@@ -146,9 +149,10 @@ typedef struct {
 BITNET_API const char* bitnet_block_activation(int code);
 /* Runs `blk` on x (B*T, dim) float32 in place: B rows of T tokens, token t of row b at position
  * pos[b] + t, appending to k_cache/v_cache (B, kv_heads, max_len, head_dim) of element type kv_dtype
- * (a BITNET_KV_* code; see bitnet_attention_step). */
+ * (a BITNET_KV_* code, with k_scale/v_scale for int8; see bitnet_attention_step). */
 BITNET_API int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, void* k_cache,
-                                    void* v_cache, int kv_dtype, int64_t max_len, const int64_t* pos, int isa);
+                                    void* v_cache, float* k_scale, float* v_scale, int kv_dtype, int64_t max_len,
+                                    const int64_t* pos, int isa);
 /* Whether bitnet_block_forward runs a gated feed-forward of more than 3 tokens fused (gate and up GEMMs
  * and the activation tile by tile, 1: the default) or unfused (one gate|up GEMM, then the activation, 0).
  * Both give the same bits; returns the previous setting. For tests and benchmarks. */

@@ -129,7 +129,8 @@ extern "C" const char* bitnet_block_activation(int code) {
 }
 
 extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B, int64_t T, void* k_cache,
-                                    void* v_cache, int kv_dtype, int64_t max_len, const int64_t* pos, int isa) {
+                                    void* v_cache, float* k_scale, float* v_scale, int kv_dtype, int64_t max_len,
+                                    const int64_t* pos, int isa) {
   const bitnet_block& b = *blk;
   if (B < 0 || T < 0 || !b.attn_norm || !b.ffn_norm || b.qkv.n != 3 || b.o.n != 1 || b.down.n != 1 ||
       b.gate_up.n != (b.gated ? 2 : 1) || b.activation < 0 || b.activation >= kActivationCount ||
@@ -154,7 +155,8 @@ extern "C" int bitnet_block_forward(const bitnet_block* blk, float* x, int64_t B
   if ((rc = run_set(b.qkv, x, M, b.bits, b.act_eps, b.attn_norm, b.attn_norm_eps, s.qkv.data(), isa))) return rc;
   prefetch(b.o);
   if ((rc = bitnet_attention_step(s.qkv.data(), B, T, b.heads, b.kv_heads, b.head_dim, b.cos_table, b.sin_table,
-                                  b.table_len, k_cache, v_cache, kv_dtype, max_len, pos, s.attn.data())))
+                                  b.table_len, k_cache, v_cache, k_scale, v_scale, kv_dtype, max_len, pos,
+                                  s.attn.data())))
     return rc;
   if ((rc = run_set(b.o, s.attn.data(), M, b.bits, b.act_eps, b.sub_norm, b.sub_norm_eps, s.y.data(), isa))) return rc;
   add_residual(x, s.y.data(), M, D);

@@ -24,11 +24,13 @@ def test_batched_decode_bench_prints_a_row_per_batch(capsys):
     assert "ISA" in out and "load: dim 1024, 12 layers" in out
     rows = [[c.split() for c in line.split("|")] for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == [["1"], ["3"]]
-    # per dtype: ms/step, tok/s, x vs B=1, KV MB; then the float16 / float32 ratio
-    assert all(len(r) == 4 and len(r[1]) == len(r[2]) == 4 for r in rows)
-    assert float(rows[0][1][2]) == float(rows[0][2][2]) == 1.0 and all(float(r[1][0]) > 0 for r in rows)
+    # per dtype (float32, float16, int8): ms/step, tok/s, x vs B=1, KV MB; then float16 / float32, int8 / float32
+    assert all(len(r) == 6 and len(r[1]) == len(r[2]) == len(r[3]) == 4 for r in rows)
+    assert float(rows[0][1][2]) == float(rows[0][2][2]) == float(rows[0][3][2]) == 1.0
+    assert all(float(r[1][0]) > 0 for r in rows)
     assert float(rows[1][1][3]) == 2 * float(rows[1][2][3]) > 0            # float16 caches: half the bytes
-    assert "float16/float32 tok/s" in out and float(rows[1][3][0]) > 0
+    assert float(rows[1][2][3]) / 2 < float(rows[1][3][3]) < float(rows[1][2][3])   # int8: a quarter + scales
+    assert "float16/float32 tok/s" in out and "int8/float32 tok/s" in out and float(rows[1][5][0]) > 0
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
@@ -50,5 +52,5 @@ def test_batched_decode_bench_rejects_bad_arguments(capsys):
     assert "positive integers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         mod.main(["--kv-dtype", "float32,bf16"])
-    assert "--kv-dtype: expected comma-separated KV-cache dtypes of float32, float16, got 'float32,bf16'" in \
+    assert "--kv-dtype: expected comma-separated KV-cache dtypes of float32, float16, int8, got 'float32,bf16'" in \
         capsys.readouterr().err

@@ -28,12 +28,18 @@ def _caches(model, batch, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     caches = model.new_caches(batch, MAX_LEN, dtype=dtype)
     for c in caches:
-        c.k.copy_(torch.randn(c.k.shape, generator=g))
-        c.v.copy_(torch.randn(c.v.shape, generator=g))
+        if c.quantized:                        # int8 entries with a float32 scale per vector
+            for t in (c.k, c.v):
+                t.copy_(torch.randint(-127, 128, t.shape, generator=g))
+            for t in (c.k_scale, c.v_scale):
+                t.copy_(torch.rand(t.shape, generator=g) / 50)
+        else:
+            c.k.copy_(torch.randn(c.k.shape, generator=g))
+            c.v.copy_(torch.randn(c.v.shape, generator=g))
     return caches
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("isa", native.supported_isas())
 @pytest.mark.parametrize("batch", [2, 5, 16])
 def test_row_in_batch_equals_row_alone(model, isa, batch, kv_dtype):
@@ -41,7 +47,7 @@ def test_row_in_batch_equals_row_alone(model, isa, batch, kv_dtype):
     tokens = torch.randint(0, 256, (batch, 1), generator=g)
     positions = torch.randint(0, MAX_LEN - 1, (batch,), generator=g)
     caches = _caches(model, batch, seed=batch, dtype=kv_dtype)
-    alone = [[KVCache(1, c.k.shape[1], MAX_LEN, c.k.shape[3], _storage=(c.k[r:r + 1].clone(), c.v[r:r + 1].clone()))
+    alone = [[KVCache(1, c.k.shape[1], MAX_LEN, c.k.shape[3], _storage=tuple(t[r:r + 1].clone() for t in c.tensors()))
               for c in caches] for r in range(batch)]
     old = native.default_isa()
     native.set_default_isa(isa)
@@ -55,7 +61,7 @@ def test_row_in_batch_equals_row_alone(model, isa, batch, kv_dtype):
                 assert torch.equal(one[0], logits[r]), f"{isa}: row {r} of {batch} (position {int(positions[r])})"
                 for c, a in zip(caches, alone[r]):
                     assert c.k.dtype == a.k.dtype == kv_dtype
-                    assert torch.equal(c.k[r], a.k[0]) and torch.equal(c.v[r], a.v[0])
+                    assert all(torch.equal(x[r], y[0]) for x, y in zip(c.tensors(), a.tensors()))
     finally:
         native.set_default_isa(old)
 

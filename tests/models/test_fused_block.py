@@ -131,7 +131,7 @@ def assert_same_greedy_run(fused: torch.Tensor, ref: torch.Tensor) -> int:
 def clone_caches(caches):
     out = []
     for c in caches:
-        n = KVCache(c.k.shape[0], c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k.clone(), c.v.clone()))
+        n = KVCache(c.k.shape[0], c.k.shape[1], c.max_len, c.k.shape[3], _storage=tuple(t.clone() for t in c.tensors()))
         n.length = c.length
         out.append(n)
     return out
@@ -412,6 +412,64 @@ def test_half_cache_is_used_in_place():
         m(tokens, caches=caches, start_pos=0)
         assert native_block_calls() == before + len(m.layers)
     assert all(c.k.dtype == torch.float16 and c.k[:, :, :5].abs().sum() > 0 for c in caches)
+
+
+# ------------------------------------------------------------------------------------------------
+# Int8 KV caches: int8 entries with a float32 scale per vector, read and written in place on both paths
+
+def same_cache(a: KVCache, b: KVCache) -> bool:
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_int8_cache_decode_equals_module_path(isa, kv_heads):
+    """An int8 cache (a 7-token prefill, then 40 greedy steps), every ISA: each step from the same cache on
+    both paths writes the same int8 entries and scales (quantize_kv's) and gives the same logits as closely
+    as the float32 cache does (the attention reads the same dequantised values on both paths)."""
+    m = packed_model(kv_heads, "relu2")
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), Paths(m) as paths:
+        caches = m.new_caches(1, 48, dtype=torch.int8)
+        fused, ref = stepwise(paths, m, caches, prompt, 0, 40)
+        assert_step_parity(fused, ref)
+        twin = clone_caches(caches)
+        last = ref[0, -1].argmax().view(1, 1)
+        paths.fused(lambda: m(last, caches=twin, start_pos=47))
+        paths.module(lambda: m(last, caches=caches, start_pos=47))
+        assert same_cache(twin[0], caches[0])          # layer 0: the same inputs, so the same int8 entries and scales
+        for a, b in zip(twin[1:], caches[1:]):         # later layers' inputs differ in the last float bits
+            assert (a.k.int() - b.k.int()).abs().max() <= 1 and (a.v.int() - b.v.int()).abs().max() <= 1
+            assert torch.allclose(a.k_scale, b.k_scale, rtol=1e-4) and torch.allclose(a.v_scale, b.v_scale, rtol=1e-4)
+        assert all(c.k_scale[0, :, :48].gt(0).all() for c in caches)
+
+
+def test_int8_cache_batched_rows_equal_module_path(isa):
+    """Per-row positions on an int8 cache (the server's step) against the module path."""
+    m = packed_model()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad(), Paths(m) as paths:
+        caches = m.new_caches(3, 40, dtype=torch.int8)
+        for c in caches:
+            c.k.copy_(torch.randint(-127, 128, c.k.shape, generator=g))
+            c.v.copy_(torch.randint(-127, 128, c.v.shape, generator=g))
+            c.k_scale.copy_(torch.rand(c.k_scale.shape, generator=g) / 100)
+            c.v_scale.copy_(torch.rand(c.v_scale.shape, generator=g) / 100)
+        tokens = torch.randint(0, VOCAB, (3, 1), generator=g)
+        fused, ref = stepwise(paths, m, caches, tokens, torch.tensor([2, 17, 9]), 16)
+    assert_step_parity(fused, ref)
+
+
+def test_int8_cache_is_used_in_place():
+    """The fused path takes an int8 cache (no module fallback) and writes its entries and scales."""
+    m = packed_model()
+    tokens = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        caches = m.new_caches(2, 8, dtype="int8")
+        before = native_block_calls()
+        m(tokens, caches=caches, start_pos=0)
+        assert native_block_calls() == before + len(m.layers)
+    assert all(c.k.dtype == torch.int8 and c.k[:, :, :5].abs().amax(-1).eq(127).all()
+               and c.v_scale[:, :, :5].gt(0).all() and c.v_scale[:, :, 5:].eq(0).all() for c in caches)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -90,11 +90,15 @@ def test_kv_dtype_names_and_errors():
     from bitnet.nn.attention import kv_dtype
 
     assert kv_dtype("float16") is torch.float16 and kv_dtype(torch.float32) is torch.float32 and kv_dtype(None) is None
-    for bad in ("fp16", "half", torch.int8, 16):
-        with pytest.raises(ValueError, match=r"kv_dtype must be one of float32, float16, bfloat16 .*got"):
+    assert kv_dtype("int8") is kv_dtype(torch.int8) is torch.int8
+    for bad in ("fp16", "half", torch.int16, torch.uint8, 16):
+        with pytest.raises(ValueError, match=r"kv_dtype must be one of float32, float16, bfloat16, int8 .*got"):
             kv_dtype(bad)
-    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
-        KVCache(1, 2, 4, 8, dtype=torch.int8)
+    for bad in (torch.int16, torch.uint8, torch.bool):
+        with pytest.raises(ValueError, match="dtype must be a floating torch.dtype .* or torch.int8"):
+            KVCache(1, 2, 4, 8, dtype=bad)
+    with pytest.raises(ValueError, match=r"an int8 cache's storage is \(k, v, k_scale, v_scale\)"):
+        KVCache(1, 2, 4, 8, _storage=(torch.zeros(1, 2, 4, 8, dtype=torch.int8),) * 2)
 
 
 def test_mgqa_errors_name_the_argument():

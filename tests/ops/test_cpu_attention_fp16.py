@@ -207,12 +207,12 @@ def test_half_cache_portable_loops_give_the_same_bits(tmp_path):
 
 
 def test_kv_dtypes_table_and_bad_caches():
-    assert native.KV_DTYPES == (torch.float32, torch.float16)
+    assert native.KV_DTYPES == (torch.float32, torch.float16, torch.int8)
     rot = RotaryEmbedding(8, 16)
     qkv = torch.randn(1, 6 * 8)
     k = torch.zeros(1, 2, 16, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"k_cache and v_cache must both have one dtype of \['torch.float32', "
-                                         r"'torch.float16'\], got torch.float16 and torch.float32"):
+                                         r"'torch.float16', 'torch.int8'\], got torch.float16 and torch.float32"):
         native.attention_step(qkv, 1, 2, 2, 8, rot.cos, rot.sin, k, k.float(), torch.tensor([0]))
     with pytest.raises(ValueError, match="got torch.bfloat16 and torch.bfloat16"):
         native.attention_step(qkv, 1, 2, 2, 8, rot.cos, rot.sin, k.bfloat16(), k.bfloat16(), torch.tensor([0]))

@@ -65,19 +65,20 @@ def _wait_healthy(proc, port):
             time.sleep(0.2)
 
 
-def test_bitnet_serve_with_a_float16_kv_cache(model_dir):
-    """``--kv-dtype float16`` on the packed model: /health reports it, and concurrent greedy requests (rows
-    of one batched step over float16 caches) get exactly what each prompt gets alone."""
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
+def test_bitnet_serve_with_a_narrow_kv_cache(model_dir, kv_dtype):
+    """``--kv-dtype float16`` / ``int8`` on the packed model: /health reports it, and concurrent greedy
+    requests (rows of one batched step over those caches) get exactly what each prompt gets alone."""
     import concurrent.futures
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port), "--slots", "4", "--threads", "1", "--log-level", "warning",
-                             "--pack", "--kv-dtype", "float16"],
+                             "--pack", "--kv-dtype", kv_dtype],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert _wait_healthy(proc, port)["kv_dtype"] == "float16"
+        assert _wait_healthy(proc, port)["kv_dtype"] == kv_dtype
         url = f"http://127.0.0.1:{port}/v1/completions"
 
         def complete(prompt):
@@ -101,4 +102,4 @@ def test_bitnet_serve_rejects_a_bad_kv_dtype(model_dir):
     r = subprocess.run([sys.executable, "-m", "bitnet", "serve", str(model_dir), "--kv-dtype", "fp8"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "--kv-dtype: invalid choice: 'fp8' (choose from 'float32', 'float16')" in r.stderr
+    assert "--kv-dtype: invalid choice: 'fp8' (choose from 'float32', 'float16', 'int8')" in r.stderr

@@ -70,10 +70,11 @@ class Decoder:
         max_len: tokens per row, prompt + output (default and maximum: ``model.max_seq_len``).
         static: fixed-shape caches for capture (see :class:`bitnet.nn.KVCache`).
         kv_dtype: what the KV caches store: None (the model's dtype, the default), ``"float32"``,
-            ``"float16"`` or ``"bfloat16"`` (or that torch dtype; see :data:`bitnet.nn.attention.KV_DTYPES`).
-            ``"float16"`` beside a float32 model halves the bytes each step reads from the caches; keys and
-            values are rounded to it when written, the attention math stays float32. Needs a model whose
-            ``new_caches`` takes ``dtype=``.
+            ``"float16"``, ``"bfloat16"`` or ``"int8"`` (or that torch dtype; see
+            :data:`bitnet.nn.attention.KV_DTYPES`). ``"float16"`` beside a float32 model halves the bytes each
+            step reads from the caches, ``"int8"`` quarters them (one int8 per entry and a float32 scale per
+            key/value vector, :func:`bitnet.nn.attention.quantize_kv`); keys and values are rounded when
+            written, the attention math stays float32. Needs a model whose ``new_caches`` takes ``dtype=``.
 
     Attributes:
         positions: per row, how many of its tokens are in the caches (where its next token goes).
@@ -133,8 +134,7 @@ class Decoder:
     def _block_view(self, first: int, n: int) -> list:
         """Caches of batch ``n`` sharing rows ``first..first+n-1`` of the caches (contiguous: one slice)."""
         end = first + n
-        return [type(c)(n, c.k.shape[1], c.max_len, c.k.shape[3], _storage=(c.k[first:end], c.v[first:end]),
-                        static=c.static) for c in self.caches]
+        return [c.rows(first, end) for c in self.caches]
 
     # ---------------------------------------------------------------- model calls
 
@@ -203,8 +203,7 @@ class Decoder:
                 for i, j in _runs(rows):           # scratch rows i..j-1 -> cache rows rows[i]..rows[i]+j-i-1
                     a, b = rows[i], rows[i] + j - i
                     for c, s in zip(self.caches, caches):                                     # (G, Hkv, T, hd)
-                        c.k[a:b, :, :t].copy_(s.k[i:j])
-                        c.v[a:b, :, :t].copy_(s.v[i:j])
+                        c.copy_rows_(a, s, i, b - a, t)
         for r, n in zip(rows, lengths):
             self.positions[r] = n
         return logits

@@ -20,8 +20,8 @@ code can express (:func:`unsupported` is None: packed projections (I2, or TQ1 fr
 :func:`bitnet.convert.tq1.repack_tq1`; one format per q|k|v and gate|up set) without their own norm, RMSNorm
 norms, an activation of :data:`bitnet.ops.cpu.BLOCK_ACTIVATIONS`, float32 rotary tables; a packed block
 that is not says so in a one-time warning, and ``block.native_reason`` says why); its KV cache is
-float32 or float16 (:data:`bitnet.ops.cpu.KV_DTYPES`: the native code rounds what it writes as
-``Tensor.half()`` does, as the module path's cache does) and contiguous, or there is none, the call starts at position 0 and has at most
+float32, float16 or int8 (:data:`bitnet.ops.cpu.KV_DTYPES`: the native code rounds what it writes as
+``Tensor.half()`` / :func:`bitnet.nn.attention.quantize_kv` do, as the module path's cache does) and contiguous, or there is none, the call starts at position 0 and has at most
 :data:`UNCACHED_MAX_TOKENS` tokens per row (a scratch cache is used for the call); start positions are
 an int, or an int64 tensor of per-row positions for one-token steps; and no forward hook is registered
 on the blocks (hooks on sub-modules of a block do not run on this path).
@@ -263,19 +263,25 @@ class FusedBlock:
         return True
 
     def cache_tensors(self, cache, batch: int, end: int):
-        """(k, v) of ``cache`` if the native attention can use them (float32 or float16 (one of
-        :data:`bitnet.ops.cpu.KV_DTYPES`), contiguous, ``batch`` rows of this block's K/V shape, on the CPU)
-        and the rotary table reaches position ``end``, else None. Raises the cache's own error when ``end``
-        does not fit in it."""
+        """(k, v, k_scale, v_scale) of ``cache`` if the native attention can use them (float32, float16 or
+        int8 (one of :data:`bitnet.ops.cpu.KV_DTYPES`; the scales are None but for int8), contiguous,
+        ``batch`` rows of this block's K/V shape, on the CPU) and the rotary table reaches position ``end``,
+        else None. Raises the cache's own error when ``end`` does not fit in it."""
         k, v = cache.k, cache.v
         shape = k.shape
         if (k.dtype not in cpu.KV_DTYPES or v.dtype != k.dtype or k.device.type != "cpu" or len(shape) != 4
                 or shape[0] != batch or shape[1] != self.kv_heads or shape[3] != self.head_dim
                 or v.shape != shape or not (k.is_contiguous() and v.is_contiguous())):
             return None
+        scales = (None, None)
+        if k.dtype == torch.int8:
+            scales = getattr(cache, "k_scale", None), getattr(cache, "v_scale", None)
+            if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_contiguous()
+                       and t.shape == shape[:3] for t in scales):
+                return None
         if end > cache.max_len:
             raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")
-        return (k, v) if end <= self.table_len else None   # beyond it the rotary module raises its own error
+        return (k, v) + scales if end <= self.table_len else None   # beyond: the rotary module raises its own error
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,8 +343,8 @@ def _run(blocks, x: torch.Tensor, caches, start_pos, check_hooks: bool) -> Optio
     global _native_calls
     _native_calls += len(runners)
     y = x.reshape(b * t, d).clone(memory_format=torch.contiguous_format)      # (BT, D), updated in place
-    for r, (k, v), cache in zip(runners, kvs, caches):
-        r.native(y, k, v, positions)
+    for r, (k, v, k_scale, v_scale), cache in zip(runners, kvs, caches):
+        r.native(y, k, v, positions, k_scale, v_scale)
         cache.__dict__["length"] = end                     # a plain attribute (skips Module.__setattr__)
     return y.view(b, t, d)
 

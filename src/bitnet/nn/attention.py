@@ -15,8 +15,28 @@ from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""Element types a KV cache may be asked for by name (``kv_dtype`` arguments, ``--kv-dtype`` flags)."""
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+"""Element types a KV cache may be asked for by name (``kv_dtype`` arguments, ``--kv-dtype`` flags); ``int8``
+stores each key/value vector as int8 with one float32 scale (:func:`quantize_kv`)."""
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector absmax int8 of keys/values x (..., head_dim), as the int8 KV cache stores them:
+
+        d = max_i |x_i| / 127,   q_i = clamp(round(x_i / d), -127, 127)   (round half to even; d = 0: q = 0)
+
+    in float32. Returns (q int8 (..., head_dim), d float32 (...)); :func:`dequantize_kv` reads them back as
+    ``q * d`` (error at most d / 2 per entry). The native CPU attention writes the same bits. x must be finite.
+    """
+    x = x.float()
+    d = x.abs().amax(dim=-1) / 127                                        # (...,)
+    q = torch.where(d.unsqueeze(-1) > 0, x / d.unsqueeze(-1), 0.0).round().clamp_(-127, 127)
+    return q.to(torch.int8), d
+
+
+def dequantize_kv(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * d`` (one float32 multiply per entry, as the native attention reads an int8 cache), in ``dtype``."""
+    return (q.to(torch.float32) * d.unsqueeze(-1)).to(dtype)
 
 
 def kv_dtype(value, name: str = "kv_dtype") -> Optional[torch.dtype]:
@@ -41,32 +61,79 @@ class KVCache(nn.Module):
     attention masks the ones past each row's position) and reads no value back to Python, so the shapes
     of a decode step never change and the step can be captured (torch.compile fullgraph, CUDA graphs).
 
-    ``dtype``: what the cache stores (a floating dtype; default float32). A cache narrower than the model's
-    compute dtype (``torch.float16`` beside a float32 model: half the bytes a decode step reads) stores
-    k/v rounded to it (``Tensor.to``, nearest even) and :meth:`update` returns them widened back to the
-    dtype of the k/v it was given, so the attention math keeps the model's dtype. The fused native CPU
-    blocks read and write float32 and float16 caches in place (bitnet.ops.cpu.KV_DTYPES), with the same
-    rounding.
+    ``dtype``: what the cache stores (a floating dtype or ``torch.int8``; default float32). A cache narrower
+    than the model's compute dtype (``torch.float16`` beside a float32 model: half the bytes a decode step
+    reads) stores k/v rounded to it (``Tensor.to``, nearest even) and :meth:`update` returns them widened back
+    to the dtype of the k/v it was given, so the attention math keeps the model's dtype. ``torch.int8`` (a
+    quarter of float32's bytes) stores each (row, head, position) vector as :func:`quantize_kv` does, its
+    scale in ``k_scale`` / ``v_scale`` (batch, kv_heads, max_len) float32, and returns ``q * scale``. The
+    fused native CPU blocks read and write float32, float16 and int8 caches in place
+    (bitnet.ops.cpu.KV_DTYPES), with the same rounding.
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32,
-                 _storage: tuple[torch.Tensor, torch.Tensor] | None = None, static: bool = False):
+                 _storage: tuple[torch.Tensor, ...] | None = None, static: bool = False):
         super().__init__()
-        if _storage is None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.float16), got {dtype!r}")
+        if _storage is None and (not isinstance(dtype, torch.dtype)
+                                 or not (dtype.is_floating_point or dtype == torch.int8)):
+            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.float16) or torch.int8, "
+                             f"got {dtype!r}")
         shape = (batch, kv_heads, max_len, head_dim)
-        k, v = _storage if _storage is not None else (torch.zeros(shape, device=device, dtype=dtype),
-                                                      torch.zeros(shape, device=device, dtype=dtype))
+        if _storage is None:
+            _storage = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            if dtype == torch.int8:
+                _storage += (torch.zeros(shape[:3], device=device), torch.zeros(shape[:3], device=device))
+        k, v = _storage[:2]
+        if (k.dtype == torch.int8) != (len(_storage) == 4):
+            raise ValueError("an int8 cache's storage is (k, v, k_scale, v_scale); a float cache's is (k, v)")
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
+        self.quantized = len(_storage) == 4
+        if self.quantized:
+            self.register_buffer("k_scale", _storage[2], persistent=False)    # (B, kv_heads, max_len) float32
+            self.register_buffer("v_scale", _storage[3], persistent=False)
         self.max_len = max_len
         self.length = 0
         self.static = static
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The storage: (k, v), and for an int8 cache (k, v, k_scale, v_scale)."""
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+
+    def rows(self, first: int, end: int) -> "KVCache":
+        """A cache of batch ``end - first`` that shares rows ``first..end-1``'s storage."""
+        return KVCache(end - first, self.k.shape[1], self.max_len, self.k.shape[3],
+                       _storage=tuple(t[first:end] for t in self.tensors()), static=self.static)
+
     def row(self, index: int) -> "KVCache":
         """A cache of batch 1 that shares row ``index``'s storage (for prefilling one sequence)."""
-        k, v = self.k[index:index + 1], self.v[index:index + 1]
-        return KVCache(1, k.shape[1], self.max_len, k.shape[3], _storage=(k, v), static=self.static)
+        return self.rows(index, index + 1)
+
+    def copy_rows_(self, first: int, src: "KVCache", src_first: int, n: int, length: int) -> None:
+        """Copy positions [0, length) of ``src``'s rows src_first..src_first+n-1 into rows first..first+n-1
+        (scales too: both caches must store the same dtype)."""
+        if self.quantized != src.quantized:
+            raise ValueError(f"copy_rows_ needs caches of one kind: {self.k.dtype} and {src.k.dtype}")
+        for mine, theirs in zip(self.tensors(), src.tensors()):
+            mine[first:first + n, :, :length].copy_(theirs[src_first:src_first + n, :, :length])
+
+    def _write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (..., hd) at ``self.k[index]`` (quantised, with their scales, in an int8 cache)."""
+        if self.quantized:
+            (qk, sk), (qv, sv) = quantize_kv(k), quantize_kv(v)
+            self.k[index], self.k_scale[index] = qk, sk
+            self.v[index], self.v_scale[index] = qv, sv
+        else:
+            self.k[index] = k.to(self.k.dtype)
+            self.v[index] = v.to(self.v.dtype)
+
+    def _read(self, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions [0, end) (all for None) in ``dtype``."""
+        k, v = (self.k, self.v) if end is None else (self.k[:, :, :end], self.v[:, :, :end])
+        if not self.quantized:
+            return k.to(dtype), v.to(dtype)
+        ks, vs = (self.k_scale, self.v_scale) if end is None else (self.k_scale[:, :, :end], self.v_scale[:, :, :end])
+        return dequantize_kv(k, ks, dtype), dequantize_kv(v, vs, dtype)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, kv_heads, T, hd) at ``start_pos``; return all keys/values so far (in k's / v's dtype).
@@ -82,19 +149,17 @@ class KVCache(nn.Module):
                 if end > self.max_len:
                     raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, start_pos] = k[:, :, 0].to(self.k.dtype)                 # (B, Hkv, hd)
-            self.v[rows, :, start_pos] = v[:, :, 0].to(self.v.dtype)
+            self._write((rows, slice(None), start_pos), k[:, :, 0], v[:, :, 0])          # (B, Hkv, hd)
             if self.static:
-                return self.k.to(k.dtype), self.v.to(v.dtype)
+                return self._read(None, k.dtype)
         else:
             end = start_pos + k.shape[2]
             if end > self.max_len:
                 raise ValueError(f"KV cache is full: position {end} exceeds its max_len={self.max_len}")
-            self.k[:, :, start_pos:end] = k.to(self.k.dtype)
-            self.v[:, :, start_pos:end] = v.to(self.v.dtype)
+            self._write((slice(None), slice(None), slice(start_pos, end)), k, v)
         self.length = end
         # widened to the dtype of the given k/v (a no-op when the cache has it): the math keeps that dtype
-        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
+        return self._read(end, k.dtype)
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,10 @@ SIGNATURES = {
     "bitnet_quantize_act": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _P, _I], _I),
     "bitnet_bitlinear": ([_P, _I64, _I64, _I64, _I, _F, _P, _I64, _I64, _F, _P, _P, _I64, _I], _I),
     "bitnet_prefetch_async": ([_I, _P, _P], _I),
-    "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _I, _I64, _P, _I], _I),
+    "bitnet_block_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _P, _I, _I64, _P, _I], _I),
     "bitnet_block_activation": ([_I], ctypes.c_char_p),
     "bitnet_set_fused_gate": ([_I], _I),
-    "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I, _I64, _P, _P], _I),
+    "bitnet_attention_step": ([_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _I, _I64, _P, _P], _I),
     "bitnet_kv_dtype_name": ([_I], ctypes.c_char_p),
     "bitnet_prefetch_wait": ([], None),
     "bitnet_bitlinear_multi": ([_P, _I64, _I64, _I64, _I, _F, _P, _F, _I, _P, _P, _I64, _P, _P, _P, _I64, _I], _I),
@@ -369,9 +369,11 @@ def _kv_dtypes() -> tuple[torch.dtype, ...]:
 
 KV_DTYPES = _kv_dtypes()
 """Element types of the KV caches the native attention reads and writes, indexed by their code: read from
-the library's own table (``bitnet_kv_dtype_name`` in csrc/attention.cpp): ``(torch.float32, torch.float16)``.
-Float16 entries are rounded to nearest even when written (the bits of ``Tensor.half()``) and widened
-exactly when read; the attention math is float32. Empty when the library is not loaded."""
+the library's own table (``bitnet_kv_dtype_name`` in csrc/attention.cpp): ``(torch.float32, torch.float16,
+torch.int8)``. Float16 entries are rounded to nearest even when written (the bits of ``Tensor.half()``) and
+widened exactly when read; int8 entries come with one float32 scale per (row, head, position), written as
+:func:`bitnet.nn.attention.quantize_kv` does and read back as ``q * scale``; the attention math is float32.
+Empty when the library is not loaded."""
 
 
 def kv_dtype_code(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
@@ -382,15 +384,34 @@ def kv_dtype_code(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     return KV_DTYPES.index(k_cache.dtype)
 
 
+def _kv_scale_ptrs(k_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]):
+    """(k_scale, v_scale) pointers for the library: the int8 cache's scales (B, kv_heads, max_len) float32,
+    None for a float cache (which must not be given any)."""
+    if k_cache.dtype != torch.int8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale belong to an int8 cache; this one is {k_cache.dtype}")
+        return None, None
+    want = tuple(k_cache.shape[:3])
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous()
+                or tuple(t.shape) != want):
+            got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise ValueError(f"{name} must be the int8 cache's contiguous float32 scales of shape {want}, got {got}")
+    return k_scale.data_ptr(), v_scale.data_ptr()
+
+
 def attention_step(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                   k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotary + KV-cache append + causal attention of one layer in one native call (float32 math).
 
     qkv (B*T, (heads + 2*kv_heads) * head_dim) contiguous float32: each token's q, k, v heads (q and k are
     rotated in place); cos/sin (L, head_dim) float32 rotary tables; k_cache/v_cache (B, kv_heads, max_len,
-    head_dim) contiguous, float32 or float16 (:data:`KV_DTYPES`: float16 entries are written rounded to
-    nearest even, as ``Tensor.half()``); positions int64 (B,): token t of row b sits at positions[b] + t and
-    attends to cache positions 0..positions[b] + t. Returns out (B*T, heads * head_dim) float32.
+    head_dim) contiguous, float32, float16 or int8 (:data:`KV_DTYPES`: float16 entries are written rounded to
+    nearest even, as ``Tensor.half()``; int8 ones need their scales k_scale/v_scale (B, kv_heads, max_len)
+    float32, written as :func:`bitnet.nn.attention.quantize_kv`); positions int64 (B,): token t of row b sits
+    at positions[b] + t and attends to cache positions 0..positions[b] + t. Returns out (B*T, heads * head_dim)
+    float32.
     """
     lib = _need()
     for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
@@ -407,10 +428,11 @@ def attention_step(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int, hea
         raise ValueError(f"qkv must have shape (batch * T, (heads + 2 * kv_heads) * head_dim), got {tuple(qkv.shape)}")
     if tuple(k_cache.shape[:2]) != (batch, kv_heads) or k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache must have shape ({batch}, {kv_heads}, max_len, {head_dim}), got {tuple(k_cache.shape)}")
+    ks, vs = _kv_scale_ptrs(k_cache, k_scale, v_scale)
     out = torch.empty((rows, heads * head_dim), dtype=torch.float32)
     rc = lib.bitnet_attention_step(qkv.data_ptr(), batch, rows // batch, heads, kv_heads, head_dim, cos.data_ptr(),
-                                   sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), code,
-                                   k_cache.shape[2], positions.data_ptr(), out.data_ptr())
+                                   sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), ks, vs,
+                                   code, k_cache.shape[2], positions.data_ptr(), out.data_ptr())
     _check_rc(rc, "attention_step (a position beyond the cache or rotary table?)")
     return out
 
@@ -523,7 +545,8 @@ class NativeBlock:
 
     ``block(x, k_cache, v_cache, positions)`` updates x (B*T, dim) float32 contiguous in place, for B
     rows of T tokens, row b's tokens at positions[b] + t (int64 (B,)), and appends to the caches
-    (B, kv_heads, max_len, head_dim), float32 or float16 (:data:`KV_DTYPES`).
+    (B, kv_heads, max_len, head_dim), float32, float16 or int8 (:data:`KV_DTYPES`; int8 with
+    ``k_scale=``/``v_scale=``, see :func:`attention_step`).
     """
 
     def __init__(self, groups: dict, norms: dict, heads: int, kv_heads: int, head_dim: int, activation: str,
@@ -558,10 +581,11 @@ class NativeBlock:
         self._struct, self._keep = b, (groups, keep, cos, sin)
         self.dim = b.dim
 
-    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions) -> None:
+    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions,
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
         """positions: an int (every row starts there) or an int64 (B,) tensor. The caller guarantees the
         layouts (x contiguous float32 (B*T, dim), caches contiguous (B, kv_heads, max_len, hd) of one dtype of
-        :data:`KV_DTYPES`)."""
+        :data:`KV_DTYPES`; an int8 one with its scales)."""
         lib = _need()
         batch = k_cache.shape[0]
         if isinstance(positions, int):
@@ -573,6 +597,7 @@ class NativeBlock:
         if x.shape[0] % batch or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B*T, {self.dim}) for B={batch} cache rows, got {tuple(x.shape)}")
         code = kv_dtype_code(k_cache, v_cache)
+        ks, vs = _kv_scale_ptrs(k_cache, k_scale, v_scale)
         rc = lib.bitnet_block_forward(ctypes.byref(self._struct), x.data_ptr(), batch, x.shape[0] // batch,
-                                      k_cache.data_ptr(), v_cache.data_ptr(), code, k_cache.shape[2], pos, -1)
+                                      k_cache.data_ptr(), v_cache.data_ptr(), ks, vs, code, k_cache.shape[2], pos, -1)
         _check_rc(rc, "block_forward (a position beyond the cache or rotary table?)")

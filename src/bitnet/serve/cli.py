@@ -21,9 +21,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's max_seq_len)")
-    p.add_argument("--kv-dtype", default=None, choices=["float32", "float16"],
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "int8"],
                    help="what the KV caches store (default: the model's dtype, float32 on the CPU); float16 halves "
-                        "the cache bytes each decode step reads (keys/values rounded when written, math in float32)")
+                        "the cache bytes each decode step reads, int8 quarters them (one float32 scale per key/value "
+                        "vector); keys/values rounded when written, math in float32")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request body accepted; larger ones get HTTP 413 (default 16 MiB)")

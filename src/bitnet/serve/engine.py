@@ -154,7 +154,8 @@ class Engine:
         max_queue: requests that may wait for a slot; more raise :class:`QueueFullError`.
         context: tokens per sequence, prompt + output (default and maximum: ``model.max_seq_len``).
         kv_dtype: what the KV caches store (see :class:`bitnet.generate.Decoder`): None (the model's dtype),
-            ``"float32"`` or ``"float16"`` (half the cache bytes per step; rounded when written).
+            ``"float32"``, ``"float16"`` (half the cache bytes per step) or ``"int8"`` (a quarter, with one
+            float32 scale per key/value vector); rounded when written.
         stall_timeout: seconds without progress, while requests wait or run, after which
             :meth:`health` reports the engine as stuck (default 120: a long prefill of a big model on a
             slow CPU must not count as stuck).

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define BITNET_ABI_VERSION 7
+#define BITNET_ABI_VERSION 8
 
 enum {
   BITNET_ISA_SCALAR = 0,

@@ -32,7 +32,7 @@ ISAS = ("scalar", "neon", "avx2", "avxvnni", "avx512vnni", "amx")
 """ISA names, in the order of the library's ISA ids."""
 
 _LIB_BASENAME = "_bitnet_native"
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _ERRORS = {-1: "invalid argument (shape/stride)", -2: "ISA not supported by this CPU/build", -3: "out of memory"}
 
 _lib: Optional[ctypes.CDLL] = None

@@ -48,13 +48,14 @@ def test_captured_step_is_one_graph_and_matches_the_loop(pack):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_captured_step_with_a_float16_cache_follows_the_loop_on_the_same_cache():
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8])
+def test_captured_step_with_a_narrow_cache_follows_the_loop_on_the_same_cache(kv_dtype):
     m = model(True)
     prompt = torch.randint(0, 61, (2, 5))
     torch._dynamo.reset()
-    dec = CapturedDecoder(m, batch=2, max_len=32, backend="eager", kv_dtype="float16")
-    assert all(c.k.dtype == c.v.dtype == torch.float16 for c in dec.caches)
-    caches = m.new_caches(2, 32, dtype=torch.float16)           # the eager loop on a float16 cache
+    dec = CapturedDecoder(m, batch=2, max_len=32, backend="eager", kv_dtype=str(kv_dtype).removeprefix("torch."))
+    assert all(c.k.dtype == c.v.dtype == kv_dtype for c in dec.caches)
+    caches = m.new_caches(2, 32, dtype=kv_dtype)                # the eager loop on a cache of that dtype
     with torch.no_grad():
         want = m(prompt, caches=caches, start_pos=0)[:, -1]
     got = dec.prefill(prompt)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -162,7 +163,19 @@ def check_struct_layouts(lib: ctypes.CDLL, structs: dict) -> None:
 
 
 def _load() -> None:
-    global _lib, LIB_PATH, LOAD_ERROR
+    _find()
+    if _lib is None and LIB_PATH_REFUSED:
+        # a library was found but refused (a build of another version, say after an upgrade without a
+        # rebuild): say so now, since everything would silently run on the slow pure-torch path
+        warnings.warn(f"bitnet: native CPU kernels not used: {LOAD_ERROR}", RuntimeWarning, stacklevel=2)
+
+
+LIB_PATH_REFUSED: Optional[str] = None
+"""Path of a native library that was found but not used (see :data:`LOAD_ERROR`), else None."""
+
+
+def _find() -> None:
+    global _lib, LIB_PATH, LOAD_ERROR, LIB_PATH_REFUSED
     tried = []
     for path in _candidates():
         if not path.is_file():
@@ -172,22 +185,26 @@ def _load() -> None:
             lib = ctypes.CDLL(str(path))
         except OSError as e:  # present but unloadable (wrong arch, missing libstdc++, ...): report it
             LOAD_ERROR = f"{path} did not load: {e}"
+            LIB_PATH_REFUSED = str(path)
             return
         # the version first: a library of another version may lack functions this module declares
         version = getattr(lib, "bitnet_abi_version", None)
         version = version() if version is not None else None
         if version != _ABI_VERSION:
             LOAD_ERROR = f"{path} has ABI version {version}, expected {_ABI_VERSION} (rebuild: pip install .)"
+            LIB_PATH_REFUSED = str(path)
             return
         try:
             _declare(lib)
         except AttributeError as e:
             LOAD_ERROR = f"{path} lacks a function of ABI version {_ABI_VERSION} ({e}; rebuild: pip install .)"
+            LIB_PATH_REFUSED = str(path)
             return
         try:
             check_struct_layouts(lib, STRUCTS)
         except RuntimeError as e:
             LOAD_ERROR = f"{path}: {e} (rebuild: pip install .)"
+            LIB_PATH_REFUSED = str(path)
             return
         _lib, LIB_PATH = lib, str(path)
         return

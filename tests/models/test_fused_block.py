@@ -159,9 +159,10 @@ def assert_close_forward(fused: torch.Tensor, ref: torch.Tensor) -> None:
     assert step_errors(fused, ref).max() <= MAX_TOL
 
 
-def free_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy cached decode of ``prompt`` (1, P) on whichever path is on: logits (steps + 1, V)."""
-    caches = model.new_caches(1, prompt.shape[1] + steps)
+def free_greedy(model, prompt: torch.Tensor, steps: int, kv_dtype=None) -> torch.Tensor:
+    """Greedy cached decode of ``prompt`` (1, P) on whichever path is on (caches of ``kv_dtype``, None: the
+    model's): logits (steps + 1, V)."""
+    caches = model.new_caches(1, prompt.shape[1] + steps, dtype=kv_dtype)
     logits = [model(prompt, caches=caches, start_pos=0)[0, -1]]
     for i in range(steps):
         logits.append(model(logits[-1].argmax().view(1, 1), caches=caches, start_pos=prompt.shape[1] + i)[0, -1])
@@ -355,37 +356,42 @@ def test_set_fused_gate_returns_the_previous_setting():
 # ------------------------------------------------------------------------------------------------
 # Float16 KV caches: the native blocks read and write them in place, as the module path's KVCache does
 
+def same_cache(a: KVCache, b: KVCache) -> bool:
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("kv_heads", [2, 8])
-def test_half_cache_decode_equals_module_path(isa, kv_heads):
-    """A float16 cache (odd positions: a 7-token prefill, then 40 greedy steps), every ISA: each step from
-    the same cache on both paths writes the same float16 entries (the native rounding is Tensor.half()'s)
-    and gives the same logits as closely as the float32 cache does; the free-running decodes agree."""
+def test_narrow_cache_decode_equals_module_path(isa, kv_heads, kv_dtype):
+    """A float16 or int8 cache (odd positions: a 7-token prefill, then 40 greedy steps), every ISA: each step
+    from the same cache on both paths writes the same entries (the native rounding is Tensor.half()'s /
+    quantize_kv's) and gives the same logits as closely as the float32 cache does; the free-running decodes
+    agree."""
     m = packed_model(kv_heads, "relu2")
     prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), Paths(m) as paths:
-        caches = m.new_caches(1, 48, dtype=torch.float16)
+        caches = m.new_caches(1, 48, dtype=kv_dtype)
         fused, ref = stepwise(paths, m, caches, prompt, 0, 40)
         assert_step_parity(fused, ref)
         twin = clone_caches(caches)
         last = ref[0, -1].argmax().view(1, 1)
         paths.fused(lambda: m(last, caches=twin, start_pos=47))
         paths.module(lambda: m(last, caches=caches, start_pos=47))
-        for a, b in zip(twin, caches):
-            assert same_bits(a.k, b.k) and same_bits(a.v, b.v)
-        free_fused, free_ref = paths.both(lambda: free_greedy_half(m, prompt, 40))
+        if kv_dtype == torch.float16:
+            for a, b in zip(twin, caches):
+                assert same_bits(a.k, b.k) and same_bits(a.v, b.v)
+        else:
+            assert same_cache(twin[0], caches[0])      # layer 0: the same inputs, so the same codes and scales
+            for a, b in zip(twin[1:], caches[1:]):     # later layers' inputs differ in the last float bits,
+                assert (a.k.int() - b.k.int()).abs().max() <= 1 and (a.v.int() - b.v.int()).abs().max() <= 1
+                assert torch.allclose(a.k_scale, b.k_scale, rtol=1e-4) and torch.allclose(a.v_scale, b.v_scale, rtol=1e-4)
+            assert all(c.k_scale[0, :, :48].gt(0).all() for c in caches)
+        free_fused, free_ref = paths.both(lambda: free_greedy(m, prompt, 40, kv_dtype))
     assert assert_same_greedy_run(free_fused, free_ref) >= 25
-
-
-def free_greedy_half(model, prompt, steps):
-    caches = model.new_caches(1, prompt.shape[1] + steps, dtype="float16")
-    logits = [model(prompt, caches=caches, start_pos=0)[0, -1]]
-    for i in range(steps):
-        logits.append(model(logits[-1].argmax().view(1, 1), caches=caches, start_pos=prompt.shape[1] + i)[0, -1])
-    return torch.stack(logits)
 
 
 def test_half_cache_batched_rows_equal_module_path(isa):
@@ -416,32 +422,6 @@ def test_half_cache_is_used_in_place():
 
 # ------------------------------------------------------------------------------------------------
 # Int8 KV caches: int8 entries with a float32 scale per vector, read and written in place on both paths
-
-def same_cache(a: KVCache, b: KVCache) -> bool:
-    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
-
-
-@pytest.mark.parametrize("kv_heads", [2, 8])
-def test_int8_cache_decode_equals_module_path(isa, kv_heads):
-    """An int8 cache (a 7-token prefill, then 40 greedy steps), every ISA: each step from the same cache on
-    both paths writes the same int8 entries and scales (quantize_kv's) and gives the same logits as closely
-    as the float32 cache does (the attention reads the same dequantised values on both paths)."""
-    m = packed_model(kv_heads, "relu2")
-    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad(), Paths(m) as paths:
-        caches = m.new_caches(1, 48, dtype=torch.int8)
-        fused, ref = stepwise(paths, m, caches, prompt, 0, 40)
-        assert_step_parity(fused, ref)
-        twin = clone_caches(caches)
-        last = ref[0, -1].argmax().view(1, 1)
-        paths.fused(lambda: m(last, caches=twin, start_pos=47))
-        paths.module(lambda: m(last, caches=caches, start_pos=47))
-        assert same_cache(twin[0], caches[0])          # layer 0: the same inputs, so the same int8 entries and scales
-        for a, b in zip(twin[1:], caches[1:]):         # later layers' inputs differ in the last float bits
-            assert (a.k.int() - b.k.int()).abs().max() <= 1 and (a.v.int() - b.v.int()).abs().max() <= 1
-            assert torch.allclose(a.k_scale, b.k_scale, rtol=1e-4) and torch.allclose(a.v_scale, b.v_scale, rtol=1e-4)
-        assert all(c.k_scale[0, :, :48].gt(0).all() for c in caches)
-
 
 def test_int8_cache_batched_rows_equal_module_path(isa):
     """Per-row positions on an int8 cache (the server's step) against the module path."""

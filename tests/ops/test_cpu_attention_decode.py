@@ -5,10 +5,6 @@ portable loops give the same bits."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +14,8 @@ from hypothesis import strategies as st
 from bitnet.nn.attention import KVCache
 from bitnet.nn.rotary import RotaryEmbedding
 from bitnet.ops import cpu as native
+
+from .attention_probes import simd_and_portable_outputs
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
 
@@ -111,11 +109,6 @@ torch.save(outs, {path!r})
 def test_decode_attention_portable_loops_give_the_same_bits(tmp_path):
     """The AVX-512 intrinsics (where the CPU has them) and the portable loops (BITNET_ATTN_PORTABLE=1):
     the same operations in the same order, so the same bits."""
-    got = []
-    for flag in ("0", "1"):
-        path = str(tmp_path / f"out{flag}.pt")
-        env = dict(os.environ, BITNET_ATTN_PORTABLE=flag)
-        subprocess.run([sys.executable, "-c", _PROBE.format(dims=HEAD_DIMS, path=path)], env=env, check=True)
-        got.append(torch.load(path, weights_only=True))
+    got = simd_and_portable_outputs(_PROBE, HEAD_DIMS, tmp_path)
     for hd, a, b in zip(HEAD_DIMS, *got):
         assert torch.equal(a, b), f"head_dim {hd}"

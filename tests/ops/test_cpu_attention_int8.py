@@ -8,10 +8,6 @@ module path (``KVCache(dtype=torch.int8)`` + SDPA in float64) to float32 roundin
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +17,7 @@ from bitnet.nn.attention import KVCache, dequantize_kv, quantize_kv
 from bitnet.nn.rotary import RotaryEmbedding
 from bitnet.ops import cpu as native
 
+from .attention_probes import simd_and_portable_outputs
 from .test_cpu_attention_fp16 import HEAD_DIMS, module_attention, with_threads
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
@@ -179,12 +176,7 @@ torch.save(outs, {path!r})
 def test_int8_cache_portable_loops_give_the_same_bits(tmp_path):
     """AVX-512 (quantiser and loads, where the CPU has it) and the portable loops (BITNET_ATTN_PORTABLE=1):
     the same int8 entries and scales written and the same attention output, bit for bit, decode and prefill."""
-    got = []
-    for flag in ("0", "1"):
-        path = str(tmp_path / f"out{flag}.pt")
-        env = dict(os.environ, BITNET_ATTN_PORTABLE=flag)
-        subprocess.run([sys.executable, "-c", _PROBE.format(dims=HEAD_DIMS, path=path)], env=env, check=True)
-        got.append(torch.load(path, weights_only=True))
-    assert len(got[0]) == len(got[1]) == 5 * 2 * len(HEAD_DIMS)
-    for i, (a, b) in enumerate(zip(*got)):
+    simd, portable = simd_and_portable_outputs(_PROBE, HEAD_DIMS, tmp_path)
+    assert len(simd) == len(portable) == 5 * 2 * len(HEAD_DIMS)
+    for i, (a, b) in enumerate(zip(simd, portable)):
         assert a.dtype == b.dtype and torch.equal(a, b), f"output {i}"

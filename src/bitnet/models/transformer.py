@@ -163,8 +163,9 @@ class BitNetTransformer(nn.Module):
 
         ``dtype``: what the caches store, one of :data:`bitnet.nn.attention.KV_DTYPES` (a torch dtype or its
         name); default the model's compute dtype. ``torch.float16`` beside a float32 model halves the bytes
-        each decode step reads from the caches (the math stays float32; the fused native CPU blocks read
-        float16 caches in place)."""
+        each decode step reads from the caches, ``torch.int8`` quarters them (one float32 scale per key/value
+        vector, :func:`bitnet.nn.attention.quantize_kv`); the math stays float32, and the fused native CPU
+        blocks read and write float16 and int8 caches in place."""
         param = self.norm.weight                  # compute dtype (the embedding table may be stored in 16 bits)
         attn = self.layers[0].attn
         dtype = kv_dtype(dtype, "dtype")

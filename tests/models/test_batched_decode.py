@@ -12,6 +12,8 @@ from bitnet.models import fused_block
 from bitnet.nn.attention import KVCache
 from bitnet.ops import cpu as native
 
+from .kv_fill import fill_random
+
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
 
 MAX_LEN = 96
@@ -27,15 +29,7 @@ def model():
 def _caches(model, batch, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     caches = model.new_caches(batch, MAX_LEN, dtype=dtype)
-    for c in caches:
-        if c.quantized:                        # int8 entries with a float32 scale per vector
-            for t in (c.k, c.v):
-                t.copy_(torch.randint(-127, 128, t.shape, generator=g))
-            for t in (c.k_scale, c.v_scale):
-                t.copy_(torch.rand(t.shape, generator=g) / 50)
-        else:
-            c.k.copy_(torch.randn(c.k.shape, generator=g))
-            c.v.copy_(torch.randn(c.v.shape, generator=g))
+    fill_random(caches, g)
     return caches
 
 

@@ -37,6 +37,8 @@ from bitnet.nn import KVCache
 from bitnet.nn.feedforward import ACTIVATIONS
 from bitnet.ops import cpu as native
 
+from .kv_fill import fill_random
+
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library not built: {native.LOAD_ERROR}")
 
 VOCAB = 97
@@ -394,15 +396,14 @@ def test_narrow_cache_decode_equals_module_path(isa, kv_heads, kv_dtype):
     assert assert_same_greedy_run(free_fused, free_ref) >= 25
 
 
-def test_half_cache_batched_rows_equal_module_path(isa):
-    """Per-row positions on a float16 cache (the server's step) against the module path."""
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8])
+def test_narrow_cache_batched_rows_equal_module_path(isa, kv_dtype):
+    """Per-row positions on a float16 or int8 cache (the server's step) against the module path."""
     m = packed_model()
     g = torch.Generator().manual_seed(6)
     with torch.no_grad(), Paths(m) as paths:
-        caches = m.new_caches(3, 40, dtype=torch.float16)
-        for c in caches:
-            c.k.copy_(torch.randn(c.k.shape, generator=g))
-            c.v.copy_(torch.randn(c.v.shape, generator=g))
+        caches = m.new_caches(3, 40, dtype=kv_dtype)
+        fill_random(caches, g)
         tokens = torch.randint(0, VOCAB, (3, 1), generator=g)
         fused, ref = stepwise(paths, m, caches, tokens, torch.tensor([2, 17, 9]), 16)
     assert_step_parity(fused, ref)
@@ -422,22 +423,6 @@ def test_half_cache_is_used_in_place():
 
 # ------------------------------------------------------------------------------------------------
 # Int8 KV caches: int8 entries with a float32 scale per vector, read and written in place on both paths
-
-def test_int8_cache_batched_rows_equal_module_path(isa):
-    """Per-row positions on an int8 cache (the server's step) against the module path."""
-    m = packed_model()
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad(), Paths(m) as paths:
-        caches = m.new_caches(3, 40, dtype=torch.int8)
-        for c in caches:
-            c.k.copy_(torch.randint(-127, 128, c.k.shape, generator=g))
-            c.v.copy_(torch.randint(-127, 128, c.v.shape, generator=g))
-            c.k_scale.copy_(torch.rand(c.k_scale.shape, generator=g) / 100)
-            c.v_scale.copy_(torch.rand(c.v_scale.shape, generator=g) / 100)
-        tokens = torch.randint(0, VOCAB, (3, 1), generator=g)
-        fused, ref = stepwise(paths, m, caches, tokens, torch.tensor([2, 17, 9]), 16)
-    assert_step_parity(fused, ref)
-
 
 def test_int8_cache_is_used_in_place():
     """The fused path takes an int8 cache (no module fallback) and writes its entries and scales."""

@@ -276,8 +276,7 @@ class FusedBlock:
         scales = (None, None)
         if k.dtype == torch.int8:
             scales = getattr(cache, "k_scale", None), getattr(cache, "v_scale", None)
-            if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_contiguous()
-                       and t.shape == shape[:3] for t in scales):
+            if not all(cpu.kv_scales_fit(k, t) for t in scales):
                 return None
         if end > cache.max_len:
             raise ValueError(f"KV cache is full: position {end} exceeds its max_len={cache.max_len}")

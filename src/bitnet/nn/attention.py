@@ -129,10 +129,10 @@ class KVCache(nn.Module):
 
     def _read(self, end: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of positions [0, end) (all for None) in ``dtype``."""
-        k, v = (self.k, self.v) if end is None else (self.k[:, :, :end], self.v[:, :, :end])
+        parts = self.tensors() if end is None else tuple(t[:, :, :end] for t in self.tensors())
         if not self.quantized:
-            return k.to(dtype), v.to(dtype)
-        ks, vs = (self.k_scale, self.v_scale) if end is None else (self.k_scale[:, :, :end], self.v_scale[:, :, :end])
+            return parts[0].to(dtype), parts[1].to(dtype)
+        k, v, ks, vs = parts
         return dequantize_kv(k, ks, dtype), dequantize_kv(v, vs, dtype)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,32 +181,29 @@ def _find() -> None:
         if not path.is_file():
             tried.append(str(path))
             continue
+        LIB_PATH_REFUSED = str(path)             # until every check below has passed
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as e:  # present but unloadable (wrong arch, missing libstdc++, ...): report it
             LOAD_ERROR = f"{path} did not load: {e}"
-            LIB_PATH_REFUSED = str(path)
             return
         # the version first: a library of another version may lack functions this module declares
         version = getattr(lib, "bitnet_abi_version", None)
         version = version() if version is not None else None
         if version != _ABI_VERSION:
             LOAD_ERROR = f"{path} has ABI version {version}, expected {_ABI_VERSION} (rebuild: pip install .)"
-            LIB_PATH_REFUSED = str(path)
             return
         try:
             _declare(lib)
         except AttributeError as e:
             LOAD_ERROR = f"{path} lacks a function of ABI version {_ABI_VERSION} ({e}; rebuild: pip install .)"
-            LIB_PATH_REFUSED = str(path)
             return
         try:
             check_struct_layouts(lib, STRUCTS)
         except RuntimeError as e:
             LOAD_ERROR = f"{path}: {e} (rebuild: pip install .)"
-            LIB_PATH_REFUSED = str(path)
             return
-        _lib, LIB_PATH = lib, str(path)
+        _lib, LIB_PATH, LIB_PATH_REFUSED = lib, str(path), None
         return
     LOAD_ERROR = (
         "native library not built (the package was installed without a C++ compiler?); looked for "
@@ -401,6 +398,12 @@ def kv_dtype_code(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     return KV_DTYPES.index(k_cache.dtype)
 
 
+def kv_scales_fit(k_cache: torch.Tensor, scale) -> bool:
+    """Whether ``scale`` can be the scales of the int8 cache ``k_cache``: contiguous float32 (B, kv_heads, max_len)."""
+    return (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.is_contiguous()
+            and scale.shape == k_cache.shape[:3])
+
+
 def _kv_scale_ptrs(k_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]):
     """(k_scale, v_scale) pointers for the library: the int8 cache's scales (B, kv_heads, max_len) float32,
     None for a float cache (which must not be given any)."""
@@ -408,12 +411,11 @@ def _kv_scale_ptrs(k_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_sca
         if k_scale is not None or v_scale is not None:
             raise ValueError(f"k_scale/v_scale belong to an int8 cache; this one is {k_cache.dtype}")
         return None, None
-    want = tuple(k_cache.shape[:3])
     for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous()
-                or tuple(t.shape) != want):
+        if not kv_scales_fit(k_cache, t):
             got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
-            raise ValueError(f"{name} must be the int8 cache's contiguous float32 scales of shape {want}, got {got}")
+            raise ValueError(f"{name} must be the int8 cache's contiguous float32 scales of shape "
+                             f"{tuple(k_cache.shape[:3])}, got {got}")
     return k_scale.data_ptr(), v_scale.data_ptr()
 
 

@@ -52,8 +52,10 @@ constexpr int64_t kPrefetchSteps = 2;
 // codes: for local k step s (64 values of the pair-interleaved k order; pair p gives steps
 // 4 (p - p0) .. + 3 by shifts 0, 2, 4, 6) and tile i (rows 16i .. 16i + 15), the 16 x 64 codes are the
 // 1 KB at codes + 1024 (2s + i), so that every tile load reads one contiguous KB. Rows past `rows`
-// are zero (their outputs are discarded).
-void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p1, bool to_l1, uint8_t* codes) {
+// are zero (their outputs are discarded). next_panel: the first I2 row of the panel this thread unpacks
+// after this one (32 rows on), or nullptr when there is none.
+void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p1, bool to_l1, uint8_t* codes,
+                  const uint8_t* next_panel) {
   const __m512i m3 = _mm512_set1_epi8(3);
   const int64_t npair = a.nblk / 2;  // full pairs; an odd last block is pair npair
   const int nrows = rows > 16 ? 32 : 16;
@@ -67,11 +69,16 @@ void unpack_pairs(const GemmArgs& a, int64_t n0, int rows, int64_t p0, int64_t p
       }
       const uint8_t* src = a.w + (n0 + r) * a.ldw + 64 * p;
       // 32 interleaved row streams defeat the hardware prefetcher: ask for this row's line of the next
-      // chunk (kPairsPerChunk pairs of 64 bytes on; past the row's end, the next row's first line),
-      // needed one chunk of tile products from now. (The line of the next panel, 32 rows on, as before,
-      // came a whole panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
-      if (to_l1) _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T0);
-      else _mm_prefetch((const char*)(src + 64 * kPairsPerChunk), _MM_HINT_T1);
+      // chunk (kPairsPerChunk pairs of 64 bytes on), needed one chunk of tile products from now; past
+      // the row's end, the same row of the next panel (its first chunk; the next row's line, as before,
+      // had been read already). (The line of the next panel, 32 rows on, for every chunk came a whole
+      // panel early and was often evicted again: prefill A/B 1.0-1.4x, never slower.)
+      const int64_t ahead = 64 * (p + kPairsPerChunk);
+      const uint8_t* pf = ahead < a.ldw                        ? a.w + (n0 + r) * a.ldw + ahead
+                          : next_panel && ahead < 2 * a.ldw ? next_panel + r * a.ldw + (ahead - a.ldw)
+                                                            : nullptr;
+      if (pf && to_l1) _mm_prefetch((const char*)pf, _MM_HINT_T0);
+      else if (pf) _mm_prefetch((const char*)pf, _MM_HINT_T1);
       // An odd last block reads 32 bytes: the upper half is code 0 against zero activations.
       const __m512i wv = p < npair ? _mm512_loadu_si512((const void*)src)
                                    : _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, src);
@@ -174,12 +181,12 @@ void tile_steps(const uint8_t* codes, int64_t ldx, const int8_t* xv_k, const int
 // blocks of 1024 int32 accumulators (one block: they stay in the tile registers between chunks).
 template <int NA>
 void panel_rows(const GemmArgs& a, const PanelEpilogue& e, const int8_t* xv, int64_t m0, int64_t m1,
-                int64_t n0, int64_t n1, uint8_t* codes, int32_t* c) {
+                int64_t n0, int64_t n1, uint8_t* codes, int32_t* c, const uint8_t* next_panel) {
   const int64_t npairs = a.ldx / 256;  // ldx = 256 (full pairs + an odd last block)
   const bool one = m1 - m0 <= 32;
   for (int64_t p0 = 0; p0 < npairs; p0 += kPairsPerChunk) {
     const int64_t p1 = std::min(npairs, p0 + kPairsPerChunk);
-    unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, one, codes);
+    unpack_pairs(a, n0, (int)(n1 - n0), p0, p1, one, codes, next_panel);
     const bool first = p0 == 0, last = p1 == npairs;
     for (int64_t m = m0; m < m1; m += 32) {
       const int8_t* xv_k = xv + (m / 16) * 16 * a.ldx + 1024 * 4 * p0;
@@ -230,8 +237,10 @@ void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int6
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += 32) {
     const int64_t n_end = std::min(n1, n + 32);
-    if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c);
-    else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c);
+    // rows of the next panel past n1 belong to another task: not prefetched (nor read)
+    const uint8_t* next = n + 64 <= n1 ? a.w + (n + 32) * a.ldw : nullptr;
+    if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c, next);
+    else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c, next);
   }
 }
 

@@ -237,7 +237,8 @@ void panel_amx(const GemmArgs& a, const int8_t* xv, const PanelEpilogue& e, int6
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += 32) {
     const int64_t n_end = std::min(n1, n + 32);
-    // rows of the next panel past n1 belong to another task: not prefetched (nor read)
+    // the next panel, for unpack_pairs' prefetch: only when it is whole and in this task (rows past n1
+    // are another task's)
     const uint8_t* next = n + 64 <= n1 ? a.w + (n + 32) * a.ldw : nullptr;
     if (n_end - n > 16) panel_rows<2>(a, e, xv, m0, m1, n, n_end, codes, c, next);
     else panel_rows<1>(a, e, xv, m0, m1, n, n_end, codes, c, next);

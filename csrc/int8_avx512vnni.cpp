@@ -48,11 +48,9 @@ inline void tile(const Int8Args& a, int64_t m, int64_t n) {
   const int64_t K64 = a.K & ~(int64_t)63;
   for (int64_t k = 0; k < K64; k += 64) step(k, ~(__mmask64)0, false);
   if (a.K > K64) step(K64, (~(__mmask64)0) >> (64 - (a.K - K64)), true);
-  for (int t = 0; t < MT; ++t) {
-    int32_t* o = a.out + (m + t) * a.ldo + n;
-    const uint32_t bias = 128u * (uint32_t)a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = (int32_t)((uint32_t)hsum(acc[r][t]) - bias);
-  }
+  // bias: the +128 of the flipped weights, 128 * sum_k x (wrapping, as the int32 sums themselves)
+  for (int t = 0; t < MT; ++t)
+    store_row_sums(acc, t, (int32_t)(128u * (uint32_t)a.xsum[m + t]), a.out + (m + t) * a.ldo + n);
 }
 
 template <int RT, int MT>

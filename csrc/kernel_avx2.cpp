@@ -61,11 +61,7 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n, int64_t pf) {
     for (int r = 0; r < RT; ++r)
       for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(a16[r][t], ones));
   }
-  for (int t = 0; t < MT; ++t) {
-    int32_t* o = a.out + (m + t) * a.ldo + n;
-    const int32_t xs = a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
-  }
+  for (int t = 0; t < MT; ++t) store_row_sums(acc, t, a.xsum[m + t], a.out + (m + t) * a.ldo + n);
 }
 
 // All rows n0..n1 for the MT tokens starting at m; prefetch the same columns of the next RT rows.

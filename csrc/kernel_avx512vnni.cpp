@@ -59,11 +59,7 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
       }
     }
   }
-  for (int t = 0; t < MT; ++t) {
-    int32_t* o = a.out + (m + t) * a.ldo + n;
-    const int32_t xs = a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
-  }
+  for (int t = 0; t < MT; ++t) store_row_sums(acc, t, a.xsum[m + t], a.out + (m + t) * a.ldo + n);
 }
 
 // Prefill tile: RT weight rows x MT tokens. Per pair of blocks and quarter q, the RT code vectors are
@@ -106,11 +102,7 @@ inline void tile_shared(const GemmArgs& a, int64_t m, int64_t n) {
   const int64_t npair = a.nblk / 2;
   for (int64_t p = 0; p < npair; ++p) pair(p, false);
   if (a.nblk & 1) pair(npair, true);
-  for (int t = 0; t < MT; ++t) {
-    int32_t* o = a.out + (m + t) * a.ldo + n;
-    const int32_t xs = a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
-  }
+  for (int t = 0; t < MT; ++t) store_row_sums(acc, t, a.xsum[m + t], a.out + (m + t) * a.ldo + n);
 }
 
 template <int RT, int MT, bool kShared>

@@ -46,11 +46,7 @@ inline void tile(const GemmArgs& a, int64_t m, int64_t n) {
       }
     }
   }
-  for (int t = 0; t < MT; ++t) {
-    int32_t* o = a.out + (m + t) * a.ldo + n;
-    const int32_t xs = a.xsum[m + t];
-    for (int r = 0; r < RT; ++r) o[r] = hsum(acc[r][t]) - xs;
-  }
+  for (int t = 0; t < MT; ++t) store_row_sums(acc, t, a.xsum[m + t], a.out + (m + t) * a.ldo + n);
 }
 
 template <int RT, int MT>

@@ -61,6 +61,33 @@ inline __m128i _mm_shuffle_epi32(__m128i a, int imm) {
   for (int i = 0; i < 4; ++i) r[i] = x[(imm >> (2 * i)) & 3];
   std::memcpy(&a, r, 16); return a;
 }
+// unpack{lo,hi}: per 128-bit lane, interleave the low (high) halves of a and b in units of E bytes
+template <class V, int E> inline V emu_unpack(V a, V b, bool hi) {
+  V r;
+  for (size_t lane = 0; lane < sizeof a; lane += 16)
+    for (int i = 0; i < 8 / E; ++i) {
+      const size_t from = lane + (hi ? 8 : 0) + E * i;
+      std::memcpy(r.b + lane + 2 * E * i, a.b + from, E);
+      std::memcpy(r.b + lane + 2 * E * i + E, b.b + from, E);
+    }
+  return r;
+}
+inline __m512i _mm512_add_epi32(__m512i a, __m512i b) { return emu_add32(a, b); }
+inline __m512i _mm512_unpacklo_epi32(__m512i a, __m512i b) { return emu_unpack<__m512i, 4>(a, b, false); }
+inline __m512i _mm512_unpackhi_epi32(__m512i a, __m512i b) { return emu_unpack<__m512i, 4>(a, b, true); }
+inline __m512i _mm512_unpacklo_epi64(__m512i a, __m512i b) { return emu_unpack<__m512i, 8>(a, b, false); }
+inline __m512i _mm512_unpackhi_epi64(__m512i a, __m512i b) { return emu_unpack<__m512i, 8>(a, b, true); }
+inline __m256i _mm256_unpacklo_epi32(__m256i a, __m256i b) { return emu_unpack<__m256i, 4>(a, b, false); }
+inline __m256i _mm256_unpackhi_epi32(__m256i a, __m256i b) { return emu_unpack<__m256i, 4>(a, b, true); }
+inline __m256i _mm256_unpacklo_epi64(__m256i a, __m256i b) { return emu_unpack<__m256i, 8>(a, b, false); }
+inline __m256i _mm256_unpackhi_epi64(__m256i a, __m256i b) { return emu_unpack<__m256i, 8>(a, b, true); }
+inline __m128i _mm_set1_epi32(int v) { __m128i r; for (int i = 0; i < 4; ++i) std::memcpy(r.b + 4 * i, &v, 4); return r; }
+inline __m128i _mm_sub_epi32(__m128i a, __m128i b) {
+  int32_t x[4], y[4]; std::memcpy(x, &a, 16); std::memcpy(y, &b, 16);
+  for (int i = 0; i < 4; ++i) x[i] = (int32_t)((uint32_t)x[i] - (uint32_t)y[i]);
+  std::memcpy(&a, x, 16); return a;
+}
+inline void _mm_storeu_si128(__m128i* p, __m128i a) { std::memcpy(p, &a, 16); }
 inline int _mm_cvtsi128_si32(__m128i a) { int32_t x; std::memcpy(&x, &a, 4); return x; }
 inline void _mm_pause() {}
 #define _MM_HINT_T0 3

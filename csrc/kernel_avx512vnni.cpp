@@ -82,7 +82,7 @@ inline void tile_shared(const GemmArgs& a, int64_t m, int64_t n) {
   // after the loop, so that the loop body has no branch and the accumulators stay in registers)
   auto pair = [&](int64_t p, bool half) __attribute__((always_inline)) {
     __m512i wv[RT];
-    prefetch_weights<RT>(wr, a.ldw, 64 * p);
+    prefetch_weights<RT, uint8_t, false>(wr, a.ldw, 64 * p);   // near only (x86_util.h)
     for (int r = 0; r < RT; ++r) {
       wv[r] = half ? _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFull, wr[r] + 64 * p)
                    : _mm512_loadu_si512((const void*)(wr[r] + 64 * p));

@@ -38,9 +38,11 @@ inline void in_register(__m512i& v) {
 constexpr int kFarTiles = 3;
 
 // kFar = false: the near prefetch only. The AVX-512 VNNI shared-code tile (4 tokens x 4 rows, batched
-// decode and prefill) takes it: on a Zen 5 EPYC (1 thread, weights streamed from DRAM, a model's GEMMs in
-// turn) the far prefetch made it 0.73-0.88x as fast (dim 1024 at 16 and 64 tokens, 2B4T at 8), while the
-// GEMV tile of decode keeps gaining from it there (1.04-1.1x at 1-2 tokens).
+// decode and prefill) takes it: on a Zen 5 EPYC the far prefetch made it 0.73-0.88x as fast in a 1-thread
+// loop over a model's GEMMs (weights streamed from DRAM; dim 1024 at 16 and 64 tokens, 2B4T at 8), and
+// 0.97-0.99x with 2 threads through bitlinear (2B4T layers, 16 and 128 tokens; one process, toggled per
+// round); the batched decode step itself was alike (0.99-1.02x). The GEMV tile of decode keeps it (there
+// 1.04-1.1x at 1-2 tokens, 1 thread).
 template <int RT, class T, bool kFar = true>
 inline void prefetch_weights(const T* const* wr, int64_t ldw, int64_t offset) {
   for (int r = 0; r < RT; ++r) {

@@ -57,6 +57,26 @@ def test_isa_bench_tiny_has_a_row_per_isa_and_peaks():
     assert native.isa_peak_gmacs("scalar") == 0.0
 
 
+def test_peak_probes_run_first_call_then_at_most_every_interval():
+    import pytest
+
+    from bitnet.ops import cpu as native
+
+    if not native.available():
+        pytest.skip(f"native library not built: {native.LOAD_ERROR}")
+    isa = native.default_isa()
+    probes = bench._PeakProbes([isa], every_s=3600.0)
+    calls = []
+    real = probes._probe
+    probes._probe = lambda i: calls.append(i) or real(i)     # the real probe, counted
+    probes(); probes(); probes()
+    assert calls == [isa]                                    # the first call only, within the interval
+    assert (probes.best[isa] > 0) == (isa != "scalar")
+    probes._every_s = 0.0
+    probes()
+    assert calls == [isa, isa]
+
+
 def test_cli_bench_parser():
     from bitnet.cli import build_parser
 

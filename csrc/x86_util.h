@@ -34,7 +34,8 @@ inline void in_register(__m512i& v) {
 // ahead into L2, so that rows streamed from DRAM arrive before the near prefetch asks for them. The far
 // one: decode (GEMV, 1-2 tokens) 1.55-1.59x tok/s at the 2.46B shape on a Zen 4 EPYC (2 threads, one
 // process alternating builds, same tokens); 1.05-1.2x for kernels of 8-16 tokens with the weights evicted
-// from cache; 2, 3, 5 and 8 tiles ahead measured, 3-8 alike.
+// from cache there (the AVX-512 VNNI shared-code tile no longer takes it: see kFar below); 2, 3, 5 and 8
+// tiles ahead measured, 3-8 alike.
 constexpr int kFarTiles = 3;
 
 // kFar = false: the near prefetch only. The AVX-512 VNNI shared-code tile (4 tokens x 4 rows, batched

@@ -22,8 +22,8 @@ inline int32_t hsum(__m512i v) {
 }
 #endif
 
-// The lane sums of four vectors as one vector (sum a, sum b, sum c, sum d): a 4-way transpose-reduce, 7
-// instructions (256-bit) or 9 (512-bit) instead of 4 separate hsum (4 x 6 or 4 x 8), which dominated the
+// The lane sums of four vectors as one vector (sum a, sum b, sum c, sum d): a 4-way transpose-reduce, 11
+// instructions (256-bit) or 13 (512-bit) instead of 4 separate hsum (4 x 7 or 4 x 9), which weighed on the
 // epilogue of short-K tiles (K = 1024: 4 block pairs per tile).
 inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
   const __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));  // a b a b per 128
